@@ -1,0 +1,27 @@
+# Quick start: `make demo` (install + DOT-MoE vs random split on the bundled model), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/dotmoe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/dotmoe
+
+demo: install
+	$(BIN)/dotmoe demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_assignment.py --threads 1
+
+clean:
+	rm -rf $(VENV) out

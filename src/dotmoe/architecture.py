@@ -1,0 +1,65 @@
+"""Load a dense causal LM safely and find its gated MLPs (gate_proj / up_proj / down_proj + act_fn)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dotmoe.errors import DotMoeError
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """True for a LLaMA-style gated MLP: down(act(gate(x)) * up(x))."""
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
+        and callable(getattr(module, "act_fn", None))
+
+
+def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All gated MLP modules in forward order; a clear error naming the class if there are none."""
+    found = [(name, m) for name, m in model.named_modules() if is_gated_mlp(m)]
+    if not found:
+        raise DotMoeError(f"{type(model).__name__} has no gated MLP (gate_proj/up_proj/down_proj + act_fn); "
+                          "dotmoe converts LLaMA/Mistral/Qwen2/Qwen3-style models")
+    sizes = {m.gate_proj.out_features for _, m in found}
+    if len(sizes) != 1:
+        raise DotMoeError(f"gated MLPs of {type(model).__name__} have different intermediate sizes {sorted(sizes)}")
+    return found
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load model + tokenizer from a local HF directory with one-line errors for bad input.
+
+    Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DotMoeError(f"model directory not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DotMoeError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DotMoeError(f"{config_file} is not valid JSON: {exc}") from exc
+    if not any(path.glob("*.safetensors")):
+        raise DotMoeError(f"{path} has no .safetensors weights (pickled .bin weights are refused for safety)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise DotMoeError(f"cannot load {path} as a causal LM: {str(exc).splitlines()[0]}") from exc
+    except (OSError, RuntimeError) as exc:
+        raise DotMoeError(f"cannot read model weights in {path}: {str(exc).splitlines()[0]}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # tokenizers raise many exception types
+        raise DotMoeError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+    if len(tokenizer) > model.config.vocab_size:
+        raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{model.config.vocab_size}")
+    return model, tokenizer

@@ -1,0 +1,53 @@
+"""The conversion output: trained partition + routers (safetensors) and metadata (JSON)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dotmoe.errors import DotMoeError
+
+ASSIGNMENT_FILE = "assignment.safetensors"
+META_FILE = "dotmoe_meta.json"
+
+
+def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tensor], model, summary: dict) -> None:
+    """Write assignment.safetensors (partition [L, N], router.{l} [E, d]) and dotmoe_meta.json atomically."""
+    tensors = {"partition": partition.to(torch.int64).contiguous()}
+    tensors.update({f"router.{i}": w.float().contiguous() for i, w in enumerate(routers)})
+    tmp = out / (ASSIGNMENT_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "dotmoe-assignment-v1"})
+    os.replace(tmp, out / ASSIGNMENT_FILE)
+    tmp_meta = out / (META_FILE + ".tmp")
+    tmp_meta.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp_meta, out / META_FILE)
+
+
+@dataclass
+class Conversion:
+    """A loaded conversion output."""
+
+    partition: torch.Tensor
+    routers: list[torch.Tensor]
+    meta: dict
+
+
+def load_conversion(path: str | Path) -> Conversion:
+    """Read a `dotmoe convert` output directory, with clear errors if it is incomplete or corrupt."""
+    path = Path(path)
+    if not (path / ASSIGNMENT_FILE).is_file() or not (path / META_FILE).is_file():
+        raise DotMoeError(f"{path} is not a complete dotmoe convert output (needs {ASSIGNMENT_FILE} and {META_FILE})")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        tensors = load_file(str(path / ASSIGNMENT_FILE))
+    except Exception as exc:  # JSON or safetensors corruption
+        raise DotMoeError(f"corrupt convert output in {path}: {exc}") from exc
+    layers = meta.get("num_layers")
+    if "partition" not in tensors or layers is None or any(f"router.{i}" not in tensors for i in range(layers)):
+        raise DotMoeError(f"corrupt convert output in {path}: missing partition or router tensors")
+    return Conversion(tensors["partition"], [tensors[f"router.{i}"] for i in range(layers)], meta)

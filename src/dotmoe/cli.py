@@ -1,0 +1,131 @@
+"""`dotmoe` command line. Every user error is one line on stderr and exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from dotmoe.errors import DotMoeError
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="dense HF model directory (default: bundled reference model)")
+    p.add_argument("--data", nargs="+", help="local .txt/.jsonl/.parquet files (default: bundled train sample)")
+    p.add_argument("--eval-data", nargs="+", help="held-out text for perplexity (default: bundled validation)")
+    p.add_argument("--out", help="output directory (default: out/dotmoe)")
+    p.add_argument("--config", help="YAML config; CLI flags override it")
+    p.add_argument("--method", help="dotmoe | random | sequential | weight-kmeans")
+    p.add_argument("--experts", type=int)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--shared", type=int, help="always-on shared expert size in neurons (0 = none)")
+    p.add_argument("--capacities", type=int, nargs="+", help="explicit routed expert sizes (sum = N - shared)")
+    p.add_argument("--gating", help="mask | softmax")
+    p.add_argument("--tokens", type=int, help="training tokens")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--trainable", help="router+assignment | experts | full")
+    p.add_argument("--eval-every", type=int, help="evaluate validation perplexity every N steps (0 = end only)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint.pt")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+
+
+def build_convert_config(args: argparse.Namespace):
+    from dotmoe.config import ConvertConfig, load_yaml_config
+
+    values = load_yaml_config(args.config) if args.config else {}
+    names = {f.name for f in fields(ConvertConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return ConvertConfig(**values)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from dotmoe.train import convert
+
+    cfg = build_convert_config(args)
+    result = convert(cfg)
+    s = result.summary
+    print(f"{s['method']}: E={s['experts']} k={s['top_k']} tokens={s['train_tokens']} "
+          f"val PPL {s['val_ppl']:.3f} (dense {s['dense_val_ppl']:.3f}, ratio {s['ppl_ratio']:.3f}) -> {result.out_dir}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from dotmoe.paths import reference_data_file, reference_model_dir
+
+    info = {"reference_model": str(reference_model_dir()),
+            **{f"data_{s}": str(reference_data_file(s)) for s in ("train_sample", "validation", "test")}}
+    report = reference_model_dir() / "training_report.json"
+    if report.is_file():
+        rep = json.loads(report.read_text())
+        info.update({k: rep.get(k) for k in ("parameters", "train_tokens", "validation_ppl", "test_ppl")})
+    print(json.dumps(info, indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """DOT-MoE vs random split on the reference model, E=8 k=2, same router recipe and tokens."""
+    from dataclasses import replace
+
+    from dotmoe.config import ConvertConfig
+    from dotmoe.train import convert
+
+    base = ConvertConfig(out=str(Path(args.out) / "dotmoe"), tokens=args.tokens, eval_every=args.eval_every)
+    rows = []
+    for method in ("dotmoe", "random"):
+        cfg = replace(base, method=method, out=str(Path(args.out) / method))
+        rows.append(convert(cfg).summary)
+    print(f"\n| method | E | k | tokens | val PPL | dense PPL | PPL ratio | final KL | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in rows:
+        print(f"| {s['method']} | {s['experts']} | {s['top_k']} | {s['train_tokens']} | {s['val_ppl']:.3f} | "
+              f"{s['dense_val_ppl']:.3f} | {s['ppl_ratio']:.3f} | {s['final_terms'].get('kl', float('nan')):.4f} | "
+              f"{s['wall_seconds']} |")
+
+
+def cmd_train_reference(args: argparse.Namespace) -> None:
+    import runpy
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_reference.py"
+    if not script.is_file():
+        raise DotMoeError("scripts/train_reference.py is only in a source checkout")
+    sys.argv = [str(script), "--steps", str(args.steps)]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dotmoe", description="Dense LLM -> Mixture-of-Experts (DOT-MoE).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert", help="train the OT neuron assignment + router and write the MoE")
+    _add_convert_args(p)
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("demo", help="DOT-MoE vs random split on the bundled reference model")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--tokens", type=int, default=500_000)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("info", help="paths and numbers of the bundled reference model and data")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("train-reference", help="retrain the bundled reference model (source checkout)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.set_defaults(func=cmd_train_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DotMoeError as exc:
+        print(f"dotmoe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dotmoe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The conversion config: one typed dataclass, validated at construction, loadable from YAML."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from dotmoe.errors import DotMoeError
+from dotmoe.router import GATING_MODES
+
+METHODS = ("dotmoe", "random", "sequential", "weight-kmeans")
+TRAINABLE = ("router+assignment", "experts", "full")
+AFFINITY_INITS = ("weight-kmeans", "random")
+ROUTER_INITS = ("lstsq", "random")
+
+
+@dataclass
+class ConvertConfig:
+    """Every knob of `dotmoe convert` (CLI flags override YAML values, which override these defaults)."""
+
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    out: str = "out/dotmoe"
+    method: str = "dotmoe"
+    experts: int = 8
+    top_k: int = 2
+    shared: int = 0
+    capacities: list[int] | None = None
+    gating: str = "softmax"
+    tokens: int = 500_000
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    trainable: str = "router+assignment"
+    lr_affinity: float = 0.05
+    lr_router: float = 3e-3
+    lr_weights: float = 1e-5
+    warmup_steps: int = 10
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    sinkhorn_iters: int = 100
+    init_affinity: str = "weight-kmeans"
+    init_scale: float = 1.0
+    init_router: str = "lstsq"
+    calib_tokens: int = 16_384
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    z_weight: float = 1e-3
+    lb_weight: float = 1e-2
+    kl_temperature: float = 1.0
+    chunk_tokens: int = 1024
+    mixed_precision: str = "no"
+    eval_data: list[str] = field(default_factory=list)
+    eval_tokens: int = 32_768
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        def choose(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise DotMoeError(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
+
+        choose("method", METHODS)
+        choose("gating", GATING_MODES)
+        choose("trainable", TRAINABLE)
+        choose("init_affinity", AFFINITY_INITS)
+        choose("init_router", ROUTER_INITS)
+        choose("mixed_precision", ("no", "bf16", "fp16"))
+        if self.experts < 2:
+            raise DotMoeError(f"--experts must be >= 2, got {self.experts}")
+        if not 1 <= self.top_k < self.experts:
+            raise DotMoeError(f"--top-k must be between 1 and experts-1={self.experts - 1}, got {self.top_k}")
+        if self.shared < 0:
+            raise DotMoeError(f"--shared must be >= 0, got {self.shared}")
+        if self.capacities is not None and (len(self.capacities) != self.experts or min(self.capacities) < 1):
+            raise DotMoeError(f"capacities must be {self.experts} sizes >= 1, got {self.capacities}")
+        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",
+                     "calib_tokens", "eval_tokens", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.tau_start, self.tau_end, self.kl_temperature) <= 0:
+            raise DotMoeError("tau_start, tau_end and kl_temperature must be > 0")
+        if min(self.kl_weight, self.ce_weight, self.z_weight, self.lb_weight) < 0 or \
+                self.kl_weight + self.ce_weight == 0:
+            raise DotMoeError("loss weights must be >= 0 with kl_weight + ce_weight > 0")
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.grad_accum * self.seq_len))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate_for(self, num_neurons: int) -> None:
+        """Checks that need the model: capacities sum to N - shared, shared < N, every expert non-empty."""
+        if self.shared >= num_neurons:
+            raise DotMoeError(f"--shared {self.shared} must be smaller than the intermediate size {num_neurons}")
+        routed = num_neurons - self.shared
+        if self.capacities is not None and sum(self.capacities) != routed:
+            raise DotMoeError(f"capacities sum to {sum(self.capacities)}, but the routed neurons number {routed}"
+                              f" (intermediate size {num_neurons} - shared {self.shared})")
+        if routed < self.experts:
+            raise DotMoeError(f"{routed} routed neurons cannot fill {self.experts} experts")
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    """Read a YAML config mapping; unknown keys are rejected with the closest valid key suggested."""
+    path = Path(path)
+    if not path.is_file():
+        raise DotMoeError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DotMoeError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise DotMoeError(f"config {path} must be a mapping of option: value")
+    known = {f.name for f in fields(ConvertConfig)}
+    for key in raw:
+        normalised = str(key).replace("-", "_")
+        if normalised not in known:
+            hint = difflib.get_close_matches(normalised, known, n=1)
+            raise DotMoeError(f"unknown config key {key!r} in {path}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}

@@ -1,0 +1,76 @@
+"""The MoE-ified gated MLP used in training: it wraps the dense MLP in place and simulates the MoE.
+
+    H = act(x W_gate) * (x W_up);  Y_hat = (H * (G M^T)) W_down
+
+G [tokens, E(+1)] are the router gates (plus an always-on column for the shared expert), M [N, E(+1)] the
+neuron -> expert assignment (hard in the forward, soft in the backward). With the mask off the module runs
+the dense MLP's exact computation, so the dense teacher needs no second copy of the model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from dotmoe.architecture import find_gated_mlps
+from dotmoe.router import RouterOutput, TopKRouter
+
+
+class MoeMLP(nn.Module):
+    """Dense gated MLP + router + assignment matrix (set each step by the assigner)."""
+
+    def __init__(self, dense_mlp: nn.Module, num_experts: int, top_k: int, gating: str, shared: bool):
+        super().__init__()
+        self.dense = dense_mlp
+        hidden = dense_mlp.gate_proj.in_features
+        self.router = TopKRouter(hidden, num_experts, top_k, gating).to(dense_mlp.gate_proj.weight.device)
+        self.shared = shared
+        self.moe_enabled = True
+        self.assignment: torch.Tensor | None = None  # [N, E(+1)]
+        self.last_router: RouterOutput | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.dense
+        if not self.moe_enabled:
+            return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        if self.assignment is None:
+            raise RuntimeError("MoeMLP has no assignment; call the assigner before the forward")
+        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        routed = self.router(x)
+        self.last_router = routed
+        gates = routed.gates
+        if self.shared:
+            gates = torch.cat([gates, gates.new_ones(gates.shape[:-1] + (1,))], dim=-1)
+        neuron_gate = gates @ self.assignment.t().to(gates.dtype)
+        return mlp.down_proj(h * neuron_gate.to(h.dtype))
+
+
+def install_moe(model: nn.Module, num_experts: int, top_k: int, gating: str, shared: bool) -> list[MoeMLP]:
+    """Replace every gated MLP of `model` by a MoeMLP wrapping it (in place); return them in layer order."""
+    moes = []
+    for name, mlp in find_gated_mlps(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        moe = MoeMLP(mlp, num_experts, top_k, gating, shared)
+        setattr(parent, child, moe)
+        moes.append(moe)
+    return moes
+
+
+def moe_layers(model: nn.Module) -> list[MoeMLP]:
+    return [m for m in model.modules() if isinstance(m, MoeMLP)]
+
+
+@contextmanager
+def moe_disabled(model: nn.Module):
+    """Run `model` as the original dense model (the teacher) inside the block."""
+    layers = moe_layers(model)
+    for m in layers:
+        m.moe_enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.moe_enabled = True

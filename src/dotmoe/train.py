@@ -1,0 +1,300 @@
+"""The DOT-MoE conversion recipe: joint OT assignment + router training against the dense teacher.
+
+One `accelerate` loop, so the same code runs on one CPU, one GPU or several (DDP/FSDP via accelerate launch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dotmoe.architecture import find_gated_mlps, load_causal_lm
+from dotmoe.assignment import NeuronAssigner
+from dotmoe.config import ConvertConfig
+from dotmoe.data import load_texts, pack_sequences, tokenize_stream
+from dotmoe.errors import DotMoeError
+from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
+from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
+from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
+from dotmoe.perplexity import perplexity
+from dotmoe.sinkhorn import capacities
+
+
+class MoeTrainingModule(nn.Module):
+    """Model with MoE-ified MLPs + assigner; forward returns the loss terms of one batch."""
+
+    def __init__(self, model: nn.Module, assigner: NeuronAssigner, moes: list[MoeMLP], cfg: ConvertConfig,
+                 teacher: nn.Module | None):
+        super().__init__()
+        self.model, self.assigner, self.cfg = model, assigner, cfg
+        self.moes = moes
+        self.teacher = teacher  # a frozen copy, only when the FFN weights themselves are trained
+
+    def set_assignment(self) -> float:
+        matrices, stats = self.assigner.refresh()
+        for layer, moe in enumerate(self.moes):
+            moe.assignment = matrices[layer]
+        return stats.marginal_error
+
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        marginal_error = self.set_assignment()
+        base, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        teacher_hidden = None
+        if cfg.kl_weight > 0:
+            with torch.no_grad():
+                if self.teacher is not None:
+                    teacher_hidden = self.teacher.get_decoder()(input_ids=input_ids).last_hidden_state
+                else:
+                    with moe_disabled(self.model):
+                        teacher_hidden = base(input_ids=input_ids).last_hidden_state
+        hidden = base(input_ids=input_ids).last_hidden_state
+        kl, ce = distill_and_lm_loss(hidden, teacher_hidden, input_ids, head, cfg.kl_temperature, cfg.chunk_tokens)
+        routed = [m.last_router for m in self.moes]
+        z, lb = router_z_loss(routed), load_balancing_loss(routed)
+        loss = cfg.kl_weight * kl + cfg.ce_weight * ce + cfg.z_weight * z + cfg.lb_weight * lb
+        return {"loss": loss, "kl": kl.detach(), "ce": ce.detach(), "z": z.detach(), "lb": lb.detach(),
+                "load_cv": torch.tensor(expert_load_cv(routed)), "marginal_error": torch.tensor(marginal_error)}
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion produced: output dir, final partition [L, N] and the summary written to it."""
+
+    out_dir: Path
+    partition: torch.Tensor
+    summary: dict
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def collect_mlp_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs x [tokens, d] of each dense MLP on `batches` (dense forward)."""
+    store: list[list[torch.Tensor]] = [[] for _ in mlps]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: store[i].append(args[0].reshape(-1, args[0].shape[-1])))
+             for i, m in enumerate(mlps)]
+    try:
+        for batch in batches:
+            model(input_ids=batch.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(s).float() for s in store]
+
+
+def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Analytic router init: least-squares map x -> standardised per-expert activation norm ||H_e(x)||."""
+    h = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+    scores = torch.stack([h[:, partition == e].norm(dim=-1) for e in range(num_experts)], dim=-1)
+    scores = (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
+    ridge = 1e-3 * x.pow(2).mean()
+    w = torch.linalg.solve(x.t() @ x + ridge * x.shape[0] * torch.eye(x.shape[1]), x.t() @ scores)
+    return w.t().contiguous()
+
+
+def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Tensor) -> torch.Tensor:
+    """Starting partition [L, N] per layer (for baselines: the final one). Shared column = last expert id."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    kind = cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
+    parts = []
+    for mlp in mlps:
+        if kind == "random":
+            parts.append(random_partition(caps, gen))
+        elif kind == "sequential":
+            parts.append(sequential_partition(caps))
+        else:
+            parts.append(weight_kmeans_partition(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), caps, gen))
+    return torch.stack(parts)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
+    """Run the DOT-MoE conversion (or a baseline) and write partition + router + metadata to cfg.out."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from dotmoe.paths import reference_data_file, reference_model_dir
+
+    model_path = Path(cfg.model or reference_model_dir())
+    data_files = cfg.data or [str(reference_data_file("train_sample"))]
+    out = Path(cfg.out)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
+    _seed_everything(cfg.seed)
+
+    model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
+    named_mlps = find_gated_mlps(model)
+    mlp_names, mlps = [n for n, _ in named_mlps], [m for _, m in named_mlps]
+    num_neurons = mlps[0].gate_proj.out_features
+    cfg.validate_for(num_neurons)
+    ids = tokenize_stream(tokenizer, load_texts(data_files))
+    seqs = pack_sequences(ids, cfg.seq_len)
+    if len(seqs) < cfg.batch_size:
+        raise DotMoeError(f"data too short: {len(seqs)} sequences of {cfg.seq_len} tokens, need >= batch size "
+                          f"{cfg.batch_size}")
+    eval_ids = tokenize_stream(tokenizer, load_texts(cfg.eval_data or [str(reference_data_file("validation"))]))
+    eval_ids = eval_ids[: cfg.eval_tokens]
+
+    routed_caps = capacities(num_neurons - cfg.shared, cfg.experts, cfg.capacities)
+    caps = torch.tensor(routed_caps + ([cfg.shared] if cfg.shared else []))
+    model.requires_grad_(False)
+    partitions = initial_partitions(cfg, mlps, caps)
+    calib = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
+    calib = calib[: max(1, cfg.calib_tokens // cfg.seq_len)]
+    mlp_inputs = collect_mlp_inputs(model, mlps, calib) if cfg.init_router == "lstsq" else None
+
+    teacher = copy.deepcopy(model).eval() if cfg.trainable != "router+assignment" and cfg.kl_weight > 0 else None
+    moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0)
+    torch.manual_seed(cfg.seed)
+    for layer, moe in enumerate(moes):
+        moe.router.weight.data.normal_(std=moe.router.weight.shape[1] ** -0.5)
+        if mlp_inputs is not None:
+            moe.router.weight.data.copy_(lstsq_router(moe.dense, mlp_inputs[layer], partitions[layer], cfg.experts))
+    affinity = cfg.init_scale * torch.nn.functional.one_hot(partitions, len(caps)).float()
+    if cfg.method == "dotmoe" and cfg.init_affinity == "random":
+        affinity = 0.01 * torch.randn(partitions.shape + (len(caps),), generator=torch.Generator().manual_seed(cfg.seed))
+    assigner = NeuronAssigner(affinity, caps, learn=cfg.method == "dotmoe")
+    assigner.iters = cfg.sinkhorn_iters
+
+    groups = [{"params": [m.router.weight for m in moes], "lr": cfg.lr_router, "name": "router"}]
+    if assigner.learn:
+        groups.append({"params": [assigner.affinity], "lr": cfg.lr_affinity, "name": "affinity"})
+    if cfg.trainable != "router+assignment":
+        weights = [p for m in moes for p in m.dense.parameters()] if cfg.trainable == "experts" else \
+            [p for n, p in model.named_parameters() if ".router." not in n]
+        for p in weights:
+            p.requires_grad_(True)
+        groups.append({"params": weights, "lr": cfg.lr_weights, "name": "weights"})
+    for m in moes:
+        m.router.weight.requires_grad_(True)
+    module = MoeTrainingModule(model, assigner, moes, cfg, teacher)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    raw = accelerator.unwrap_model(module)
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    log_path = out / "train_log.jsonl"
+    order_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    epochs = math.ceil(cfg.steps * cfg.batch_size * cfg.grad_accum / len(seqs)) + 1
+    order = torch.cat([torch.randperm(len(seqs), generator=order_gen) for _ in range(epochs)])
+    start_step = 0
+    if cfg.resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=True)
+        with torch.no_grad():
+            for name, p in raw.named_parameters():
+                if name in state["params"]:
+                    p.copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["step"]
+        if log_path.exists():  # drop records of steps after the checkpoint (they are redone)
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            log_path.write_text("".join(line + "\n" for line in kept))
+    elif log_path.exists():
+        log_path.unlink()
+
+    def tau_at(step: int) -> float:
+        frac = step / max(1, cfg.steps - 1)
+        return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac
+
+    history, evals = [], []
+    dense_ppl = None
+    if cfg.eval_every:
+        with moe_disabled(raw.model):
+            dense_ppl = perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    t0, tokens_done = time.time(), 0
+    bar = tqdm(range(start_step, cfg.steps), desc=f"convert ({cfg.method})", unit="step", disable=not progress,
+               initial=start_step, total=cfg.steps)
+    module.train()
+    for step in bar:
+        raw.assigner.tau = tau_at(step)
+        terms_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
+            batch = seqs[idx].to(accelerator.device)
+            with accelerator.accumulate(module):
+                terms = module(batch)
+                if not torch.isfinite(terms["loss"]):
+                    bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+                    raise DotMoeError(f"non-finite loss at step {step} (terms: {', '.join(bad)}); "
+                                      f"last good checkpoint: {ckpt_path}")
+                accelerator.backward(terms["loss"])
+                optimizer.step()
+                scheduler.step() if accelerator.sync_gradients else None
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        tokens_done += cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        record = {"step": step + 1, "tokens": (step + 1) * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+                  "tau": round(raw.assigner.tau, 5), **{k: round(v, 6) for k, v in terms_sum.items()},
+                  "tokens_per_s": round(tokens_done / (time.time() - t0), 1)}
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            raw.set_assignment()
+            record["val_ppl"] = round(perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2), 4)
+            raw.model.train()
+            evals.append(record["val_ppl"])
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", cv=f"{record['load_cv']:.2f}",
+                        err=f"{record['marginal_error']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if accelerator.is_main_process:
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _atomic_save({"params": _trainable_state(raw), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1},
+                             ckpt_path)
+
+    raw.eval()
+    partition = raw.assigner.hard_partition()
+    raw.set_assignment()
+    final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    if dense_ppl is None:
+        with moe_disabled(raw.model):
+            dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    summary = {
+        "method": cfg.method, "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "gating": cfg.gating,
+        "capacities": caps.tolist(), "intermediate_size": num_neurons, "num_layers": len(moes),
+        "mlp_modules": mlp_names,
+        "base_model": str(model_path), "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        "steps": cfg.steps, "wall_seconds": round(time.time() - t0, 1),
+        "final_terms": {k: v for k, v in history[-1].items() if k not in ("step", "tokens")} if history else {},
+        "val_ppl": round(final_ppl, 4), "dense_val_ppl": round(dense_ppl, 4),
+        "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
+    }
+    if accelerator.is_main_process:
+        from dotmoe.artifacts import save_conversion
+
+        save_conversion(out, partition, [m.router.weight.detach() for m in raw.moes], raw.model, summary)
+        if ckpt_path.exists():
+            ckpt_path.unlink()
+    return ConvertResult(out_dir=out, partition=partition, summary=summary)
+

@@ -1,0 +1,110 @@
+"""End-to-end conversion on a tiny model: balance, exact resume, outputs, and clear errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from dotmoe.artifacts import load_conversion
+from dotmoe.cli import main
+from dotmoe.config import ConvertConfig
+from dotmoe.errors import DotMoeError
+from dotmoe.train import MoeTrainingModule, convert
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=str(model), data=[str(data)], eval_data=[str(data)], out=str(out), experts=4, top_k=2,
+                tokens=12 * 4 * 32, seq_len=32, batch_size=4, eval_tokens=256, calib_tokens=256,
+                checkpoint_every=4, seed=3)
+    base.update(kw)
+    return ConvertConfig(**base)
+
+
+def test_partition_balanced_with_uneven_capacities_and_shared(tiny_llama_dir, tiny_text, tmp_path):
+    cfg = _cfg(tiny_llama_dir, tiny_text, tmp_path / "o", shared=6, capacities=[10, 14, 16, 18], tokens=4 * 4 * 32)
+    res = convert(cfg, progress=False)
+    for layer in res.partition:
+        assert torch.bincount(layer, minlength=5).tolist() == [10, 14, 16, 18, 6]
+    loaded = load_conversion(tmp_path / "o")
+    assert torch.equal(loaded.partition, res.partition)
+    assert loaded.routers[0].shape == (4, 32)
+    assert loaded.meta["capacities"] == [10, 14, 16, 18, 6]
+
+
+def test_interrupted_run_resumes_exactly(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
+    full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full"), progress=False)
+
+    calls = {"n": 0}
+    original = MoeTrainingModule.forward
+
+    def dying_forward(self, input_ids):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the checkpoint at step 4, mid-way through step 7
+            raise KeyboardInterrupt
+        return original(self, input_ids)
+
+    monkeypatch.setattr(MoeTrainingModule, "forward", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "cut"), progress=False)
+    monkeypatch.setattr(MoeTrainingModule, "forward", original)
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    resumed = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "cut", resume=True), progress=False)
+
+    assert torch.equal(resumed.partition, full.partition)
+    assert resumed.summary["final_terms"]["loss"] == full.summary["final_terms"]["loss"]
+    assert resumed.summary["val_ppl"] == full.summary["val_ppl"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)) and not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(experts=1), "--experts must be >= 2"),
+    (dict(top_k=4), "--top-k must be between 1 and experts-1"),
+    (dict(gating="dense"), "gating must be one of"),
+    (dict(capacities=[1, 2]), "capacities must be 4 sizes"),
+    (dict(tau_end=0.0), "must be > 0"),
+])
+def test_config_rejects_bad_values(kw, message):
+    with pytest.raises(DotMoeError, match=message):
+        ConvertConfig(**kw)
+
+
+def _run_cli(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/nonexistent/dir"], "model directory not found"),
+    (["--shared", "64"], "must be smaller than the intermediate size"),
+    (["--capacities", "10", "10", "10", "10"], "capacities sum to 40"),
+    (["--data", "/nonexistent.txt"], "data file not found"),
+])
+def test_cli_bad_input_is_one_clear_line(extra, message, tiny_llama_dir, tiny_text, tmp_path, capsys):
+    argv = ["convert", "--model", str(tiny_llama_dir), "--data", str(tiny_text), "--out", str(tmp_path / "o"),
+            "--experts", "4", "--top-k", "2", "--tokens", "256", "--seq-len", "32"]
+    code, err = _run_cli(argv + extra, capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_rejects_non_gated_model_and_unknown_yaml_key(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dotmoe.paths import reference_model_dir
+    from transformers import AutoTokenizer
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(reference_model_dir()).save_pretrained(gpt2)
+    code, err = _run_cli(["convert", "--model", str(gpt2), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "GPT2LMHeadModel has no gated MLP" in err
+
+    (tmp_path / "c.yaml").write_text("experts: 4\ntop_kk: 2\n")
+    code, err = _run_cli(["convert", "--config", str(tmp_path / "c.yaml")], capsys)
+    assert code == 2 and "unknown config key 'top_kk'" in err and "did you mean 'top_k'" in err
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    code, err = _run_cli(["convert", "--model", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "not valid JSON" in err
