@@ -25,10 +25,22 @@ def test_reference_model_loads_and_beats_unigram(monkeypatch):
     assert ppl < 0.2 * unigram, (ppl, unigram)
 
 
-def test_data_splits_do_not_overlap():
-    val = set(reference_data_file("validation").read_text().split("\n\n"))
-    test = set(reference_data_file("test").read_text().split("\n\n"))
-    train = set(reference_data_file("train_sample").read_text().split("\n\n"))
-    long_paragraphs = lambda s: {p for p in s if len(p) > 200}  # noqa: E731 (short lines repeat across docs)
-    assert not long_paragraphs(val) & long_paragraphs(test)
-    assert not long_paragraphs(train) & (long_paragraphs(val) | long_paragraphs(test))
+def test_corpus_split_puts_each_node_in_exactly_one_split(tmp_path):
+    """The protocol: nodes of the info file are split whole, deterministically, index nodes dropped."""
+    from dotmoe.corpus import read_info_nodes, split_corpus, split_of
+
+    names = [f"Section {i}" for i in range(400)]
+    body = "".join(f"\x1f\nFile: x.info,  Node: {n},  Next: y\n\ntext of {n}\n" for n in names)
+    (tmp_path / "x.info").write_text("preamble\n" + body + "\x1f\nFile: x.info,  Node: Index\n\nindex\n")
+    nodes = read_info_nodes(tmp_path / "x.info")
+    assert [n for n, _ in nodes] == names
+    splits = split_corpus(nodes)
+    assert sorted(sum(splits.values(), [])) == sorted(f"text of {n}" for n in names)
+    assert 0 < len(splits["validation"]) < 20 and 0 < len(splits["test"]) < 20
+    assert [split_of(n) for n in names] == [split_of(n) for n in names]
+
+
+def test_bundled_splits_are_distinct_text():
+    val, test = reference_data_file("validation").read_text(), reference_data_file("test").read_text()
+    train = reference_data_file("train_sample").read_text()
+    assert val[:2000] not in test and val[:2000] not in train and test[:2000] not in train

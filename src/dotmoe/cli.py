@@ -67,22 +67,39 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """DOT-MoE vs random split on the reference model, E=8 k=2, same router recipe and tokens."""
+    import platform
     from dataclasses import replace
+
+    import torch
 
     from dotmoe.config import ConvertConfig
     from dotmoe.train import convert
 
-    base = ConvertConfig(out=str(Path(args.out) / "dotmoe"), tokens=args.tokens, eval_every=args.eval_every)
-    rows = []
-    for method in ("dotmoe", "random"):
-        cfg = replace(base, method=method, out=str(Path(args.out) / method))
-        rows.append(convert(cfg).summary)
-    print(f"\n| method | E | k | tokens | val PPL | dense PPL | PPL ratio | final KL | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for s in rows:
-        print(f"| {s['method']} | {s['experts']} | {s['top_k']} | {s['train_tokens']} | {s['val_ppl']:.3f} | "
-              f"{s['dense_val_ppl']:.3f} | {s['ppl_ratio']:.3f} | {s['final_terms'].get('kl', float('nan')):.4f} | "
-              f"{s['wall_seconds']} |")
+    base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every)
+    runs = [convert(replace(base, method=m, out=str(Path(args.out) / m))) for m in ("dotmoe", "random")]
+    lines = [f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}` on {platform.machine()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}", "",
+             "| method | E | k | tokens | val PPL | dense PPL | PPL ratio | final KL | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        s = r.summary
+        lines.append(f"| {s['method']} | {s['experts']} | {s['top_k']} | {s['train_tokens']} | {s['val_ppl']:.3f} | "
+                     f"{s['dense_val_ppl']:.3f} | {s['ppl_ratio']:.3f} | {s['final_terms']['kl']:.4f} | "
+                     f"{s['wall_seconds']} |")
+    lines += ["", f"Curves (every {args.eval_every} steps): validation PPL of the MoE; KL (mean of the steps since the "
+              "previous point)"]
+    for r in runs:
+        log = [json.loads(x) for x in (r.out_dir / "train_log.jsonl").read_text().splitlines()]
+        points = [i for i, rec in enumerate(log) if "val_ppl" in rec]
+        kls, prev = [], 0
+        for i in points:
+            kls.append(sum(rec["kl"] for rec in log[prev : i + 1]) / (i + 1 - prev))
+            prev = i + 1
+        lines.append(f"- {r.summary['method']} PPL: " + " ".join(f"{log[i]['val_ppl']:.2f}" for i in points))
+        lines.append(f"- {r.summary['method']} KL:  " + " ".join(f"{k:.4f}" for k in kls))
+    text = "\n".join(lines)
+    print("\n" + text)
+    (Path(args.out) / "demo.md").write_text(text + "\n")
 
 
 def cmd_train_reference(args: argparse.Namespace) -> None:
@@ -104,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="DOT-MoE vs random split on the bundled reference model")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--tokens", type=int, default=500_000)
-    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=20, help="validation PPL every N steps")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("info", help="paths and numbers of the bundled reference model and data")
     p.set_defaults(func=cmd_info)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dotmoe.corpus import DEFAULT_INFO, read_info_nodes, split_corpus
-from dotmoe.errors import DotMoeError
+from dotmoe.data import tokenize_stream
 
 EOS = "</s>"
 
@@ -57,15 +57,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     return tok
 
 
-def encode_documents(tok, docs: list[str]) -> torch.Tensor:
-    """Concatenate documents into one id stream, each followed by EOS."""
-    ids: list[int] = []
-    for enc in tok(docs, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(tok.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def build_model(cfg: ReferenceConfig, vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -97,7 +88,7 @@ def train_reference(out_dir: Path, data_dir: Path, cfg: ReferenceConfig = Refere
     (data_dir / "train_sample.txt").write_text("\n\n".join(sample) + "\n", encoding="utf-8")
 
     tok = train_tokenizer(splits["train"], cfg.vocab_size, out_dir)
-    train_ids = encode_documents(tok, splits["train"])
+    train_ids = tokenize_stream(tok, splits["train"])
     model = build_model(cfg, len(tok))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -146,11 +137,7 @@ def train_reference(out_dir: Path, data_dir: Path, cfg: ReferenceConfig = Refere
 def unigram_perplexity(tok, train_texts: list[str], eval_ids: torch.Tensor) -> float:
     """Perplexity of an add-one unigram model fit on the train split's tokens."""
     counts = torch.ones(len(tok), dtype=torch.float64)
-    counts += torch.bincount(encode_documents(tok, train_texts), minlength=len(tok)).double()
+    counts += torch.bincount(tokenize_stream(tok, train_texts), minlength=len(tok)).double()
     logp = (counts / counts.sum()).log()
     return float(torch.exp(-logp[eval_ids].mean()))
 
-
-def require_corpus(info_path: Path) -> None:
-    if not info_path.is_file():
-        raise DotMoeError(f"{info_path} not found: apt-get install python3.11-doc")

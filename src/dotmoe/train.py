@@ -148,17 +148,19 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                               cpu=not torch.cuda.is_available())
     _seed_everything(cfg.seed)
 
+    texts = load_texts(data_files)  # bad data fails before the (possibly large) model is loaded
+    eval_texts = load_texts(cfg.eval_data or [str(reference_data_file("validation"))])
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     named_mlps = find_gated_mlps(model)
     mlp_names, mlps = [n for n, _ in named_mlps], [m for _, m in named_mlps]
     num_neurons = mlps[0].gate_proj.out_features
     cfg.validate_for(num_neurons)
-    ids = tokenize_stream(tokenizer, load_texts(data_files))
+    ids = tokenize_stream(tokenizer, texts)
     seqs = pack_sequences(ids, cfg.seq_len)
     if len(seqs) < cfg.batch_size:
         raise DotMoeError(f"data too short: {len(seqs)} sequences of {cfg.seq_len} tokens, need >= batch size "
                           f"{cfg.batch_size}")
-    eval_ids = tokenize_stream(tokenizer, load_texts(cfg.eval_data or [str(reference_data_file("validation"))]))
+    eval_ids = tokenize_stream(tokenizer, eval_texts)
     eval_ids = eval_ids[: cfg.eval_tokens]
 
     routed_caps = capacities(num_neurons - cfg.shared, cfg.experts, cfg.capacities)
