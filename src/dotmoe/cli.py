@@ -76,30 +76,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from dotmoe.train import convert
 
     base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every)
-    runs = [convert(replace(base, method=m, out=str(Path(args.out) / m))) for m in ("dotmoe", "random")]
-    lines = [f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}` on {platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}", "",
-             "| method | E | k | tokens | val PPL | dense PPL | PPL ratio | final KL | wall s |",
+    out_dirs = [convert(replace(base, method=m, out=str(Path(args.out) / m))).out_dir for m in ("dotmoe", "random")]
+    header = (f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}` on {platform.machine()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    text = demo_report(out_dirs, header)
+    print("\n" + text)
+    (Path(args.out) / "demo.md").write_text(text + "\n")
+
+
+def demo_report(out_dirs: list[Path], header: str) -> str:
+    """Markdown table + validation-PPL and KL curves of finished conversion runs (from their outputs)."""
+    lines = [header, "", "| method | E | k | tokens | val PPL | dense PPL | PPL ratio | final KL | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        s = r.summary
+    logs = []
+    for out in out_dirs:
+        s = json.loads((Path(out) / "dotmoe_meta.json").read_text())
+        logs.append((s["method"], [json.loads(x) for x in (Path(out) / "train_log.jsonl").read_text().splitlines()]))
         lines.append(f"| {s['method']} | {s['experts']} | {s['top_k']} | {s['train_tokens']} | {s['val_ppl']:.3f} | "
                      f"{s['dense_val_ppl']:.3f} | {s['ppl_ratio']:.3f} | {s['final_terms']['kl']:.4f} | "
                      f"{s['wall_seconds']} |")
-    lines += ["", f"Curves (every {args.eval_every} steps): validation PPL of the MoE; KL (mean of the steps since the "
-              "previous point)"]
-    for r in runs:
-        log = [json.loads(x) for x in (r.out_dir / "train_log.jsonl").read_text().splitlines()]
+    lines += ["", "Curves at each evaluation point: validation PPL of the MoE; mean KL of the steps since the "
+              "previous point."]
+    for method, log in logs:
         points = [i for i, rec in enumerate(log) if "val_ppl" in rec]
         kls, prev = [], 0
         for i in points:
             kls.append(sum(rec["kl"] for rec in log[prev : i + 1]) / (i + 1 - prev))
             prev = i + 1
-        lines.append(f"- {r.summary['method']} PPL: " + " ".join(f"{log[i]['val_ppl']:.2f}" for i in points))
-        lines.append(f"- {r.summary['method']} KL:  " + " ".join(f"{k:.4f}" for k in kls))
-    text = "\n".join(lines)
-    print("\n" + text)
-    (Path(args.out) / "demo.md").write_text(text + "\n")
+        lines.append(f"- {method} PPL: " + " ".join(f"{log[i]['val_ppl']:.2f}" for i in points))
+        lines.append(f"- {method} KL:  " + " ".join(f"{k:.4f}" for k in kls))
+    return "\n".join(lines)
 
 
 def cmd_train_reference(args: argparse.Namespace) -> None:
