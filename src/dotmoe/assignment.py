@@ -50,6 +50,3 @@ class NeuronAssigner(nn.Module):
         matrix = straight_through(one_hot_assignment(hard, len(self.caps)), result.plan)
         return matrix, AssignmentStats(hard, float(result.marginal_error.max()))
 
-    @torch.no_grad()
-    def hard_partition(self) -> torch.Tensor:
-        return self.refresh()[1].hard

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dotmoe.architecture import find_gated_mlps, load_causal_lm
-from dotmoe.assignment import NeuronAssigner
+from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 from dotmoe.errors import DotMoeError
@@ -42,15 +41,16 @@ class MoeTrainingModule(nn.Module):
         self.moes = moes
         self.teacher = teacher  # a frozen copy, only when the FFN weights themselves are trained
 
-    def set_assignment(self) -> float:
+    def set_assignment(self) -> AssignmentStats:
+        """Solve this step's assignment and hand each MoE layer its matrix; return the stats."""
         matrices, stats = self.assigner.refresh()
         for layer, moe in enumerate(self.moes):
             moe.assignment = matrices[layer]
-        return stats.marginal_error
+        return stats
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        marginal_error = self.set_assignment()
+        marginal_error = self.set_assignment().marginal_error
         base, head = self.model.get_decoder(), self.model.get_output_embeddings()
         teacher_hidden = None
         if cfg.kl_weight > 0:
@@ -251,7 +251,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                                       f"last good checkpoint: {ckpt_path}")
                 accelerator.backward(terms["loss"])
                 optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -276,8 +277,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                              ckpt_path)
 
     raw.eval()
-    partition = raw.assigner.hard_partition()
-    raw.set_assignment()
+    with torch.no_grad():
+        partition = raw.set_assignment().hard
     final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
     if dense_ppl is None:
         with moe_disabled(raw.model):
