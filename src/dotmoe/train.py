@@ -144,8 +144,12 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     model_path = Path(cfg.model or reference_model_dir())
     data_files = cfg.data or [str(reference_data_file("train_sample"))]
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available())
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                                  cpu=not torch.cuda.is_available())
+    except ValueError as exc:  # accelerate keeps one process-wide state (precision, device)
+        raise DotMoeError(f"cannot set up accelerate with mixed_precision={cfg.mixed_precision!r} in this process "
+                          f"(an earlier conversion here used other settings); run it in a new process: {exc}") from exc
     _seed_everything(cfg.seed)
 
     texts = load_texts(data_files)  # bad data fails before the (possibly large) model is loaded
