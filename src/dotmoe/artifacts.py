@@ -14,6 +14,7 @@ from dotmoe.errors import DotMoeError
 
 ASSIGNMENT_FILE = "assignment.safetensors"
 META_FILE = "dotmoe_meta.json"
+TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # only when the dense weights were trained too
 
 
 def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tensor], model, summary: dict) -> None:
@@ -26,6 +27,23 @@ def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tens
     tmp_meta = out / (META_FILE + ".tmp")
     tmp_meta.write_text(json.dumps(summary, indent=2))
     os.replace(tmp_meta, out / META_FILE)
+
+
+def save_trained_weights(out: Path, model) -> None:
+    """Write the dense weights of a model whose FFN/other weights were trained (MoeMLP wrappers removed).
+
+    Keys are the original checkpoint names; a tied output embedding is stored once (as the input one).
+    """
+    state = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if ".router." in name or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[name.replace(".dense.", ".")] = tensor.detach().contiguous()
+    tmp = out / (TRAINED_WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / TRAINED_WEIGHTS_FILE)
 
 
 @dataclass

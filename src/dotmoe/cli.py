@@ -32,6 +32,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint.pt")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--export-format", help="auto | mixtral | qwen3_moe | qwen2_moe | dotmoe | none "
+                   "(MoE checkpoint written to OUT/model; default auto)")
 
 
 def build_convert_config(args: argparse.Namespace):
@@ -51,6 +53,27 @@ def cmd_convert(args: argparse.Namespace) -> None:
     s = result.summary
     print(f"{s['method']}: E={s['experts']} k={s['top_k']} tokens={s['train_tokens']} "
           f"val PPL {s['val_ppl']:.3f} (dense {s['dense_val_ppl']:.3f}, ratio {s['ppl_ratio']:.3f}) -> {result.out_dir}")
+    if "export" in s:
+        _print_export(s["export"])
+
+
+def _print_export(e: dict) -> None:
+    parity = e.get("parity") or {}
+    check = (f"; reloaded logits vs training-time sparse model: max abs diff {parity['max_abs_logit_diff']:.2e}, "
+             f"top-1 agreement {parity['top1_agreement']:.4f} on {parity['tokens']} tokens") if parity else ""
+    print(f"exported {e['architecture']} ({'exact' if e['exact'] else 'APPROXIMATE'}) -> {e['dir']}: "
+          f"{e['active_params']:,} active / {e['total_params']:,} total params{check}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from dotmoe.export import export
+
+    r = export(args.source, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
+               check_tokens=args.check_tokens, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    if r.plan.note:
+        print(f"note: {r.plan.note}")
+    _print_export({"dir": str(r.out_dir), "architecture": r.plan.architecture, "exact": r.plan.exact, **r.params,
+                   "parity": r.parity})
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -124,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="train the OT neuron assignment + router and write the MoE")
     _add_convert_args(p)
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("export", help="write a convert output as a standard MoE checkpoint")
+    p.add_argument("--from", dest="source", required=True, help="a `dotmoe convert` output directory")
+    p.add_argument("--out", required=True, help="directory for the MoE checkpoint (written atomically)")
+    p.add_argument("--format", default="auto", help="auto | mixtral | qwen3_moe | qwen2_moe | dotmoe")
+    p.add_argument("--dtype", default="auto", help="auto (the dense model's) | float32 | bfloat16 | float16")
+    p.add_argument("--check-tokens", type=int, default=256,
+                   help="compare reloaded logits with the training-time model on N validation tokens (0 = skip)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="DOT-MoE vs random split on the bundled reference model")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--tokens", type=int, default=500_000)

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from dotmoe.errors import DotMoeError
+from dotmoe.export_formats import FORMATS as EXPORT_FORMATS
 from dotmoe.router import GATING_MODES
 
 METHODS = ("dotmoe", "random", "sequential", "weight-kmeans")
@@ -61,6 +62,7 @@ class ConvertConfig:
     seed: int = 0
     resume: bool = False
     trust_remote_code: bool = False
+    export_format: str = "auto"  # written to <out>/model at the end; "none" skips the export
 
     def __post_init__(self) -> None:
         def choose(name: str, options: tuple[str, ...]) -> None:
@@ -73,6 +75,7 @@ class ConvertConfig:
         choose("init_affinity", AFFINITY_INITS)
         choose("init_router", ROUTER_INITS)
         choose("mixed_precision", ("no", "bf16", "fp16"))
+        choose("export_format", EXPORT_FORMATS + ("none",))
         if self.experts < 2:
             raise DotMoeError(f"--experts must be >= 2, got {self.experts}")
         if not 1 <= self.top_k < self.experts:

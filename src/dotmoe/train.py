@@ -291,17 +291,25 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "method": cfg.method, "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "gating": cfg.gating,
         "capacities": caps.tolist(), "intermediate_size": num_neurons, "num_layers": len(moes),
         "mlp_modules": mlp_names,
-        "base_model": str(model_path), "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        "base_model": str(model_path.resolve()), "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
         "steps": cfg.steps, "wall_seconds": round(time.time() - t0, 1),
         "final_terms": {k: v for k, v in history[-1].items() if k not in ("step", "tokens")} if history else {},
         "val_ppl": round(final_ppl, 4), "dense_val_ppl": round(dense_ppl, 4),
         "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
     }
     if accelerator.is_main_process:
-        from dotmoe.artifacts import save_conversion
+        from dotmoe.artifacts import save_conversion, save_trained_weights
 
+        if cfg.trainable != "router+assignment":
+            save_trained_weights(out, raw.model)
         save_conversion(out, partition, [m.router.weight.detach() for m in raw.moes], raw.model, summary)
         if ckpt_path.exists():
             ckpt_path.unlink()
+        if cfg.export_format != "none":
+            from dotmoe.export import export
+
+            exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, progress=progress)
+            summary["export"] = {"dir": str(exported.out_dir), "architecture": exported.plan.architecture,
+                                 "exact": exported.plan.exact, **exported.params, "parity": exported.parity}
     return ConvertResult(out_dir=out, partition=partition, summary=summary)
 

@@ -1,0 +1,270 @@
+"""`dotmoe export`: write a conversion as a standard MoE checkpoint, streamed one tensor at a time.
+
+Each expert becomes a contiguous block: its neurons' gate/up rows and down columns are sliced out of the
+dense MLP (experts smaller than the largest are padded with zero neurons, which contribute exactly 0).
+The factor k of `softmax` gating is folded into the expert down projections, the Qwen2-MoE shared-expert
+gate is a zero vector (sigmoid(0) = 1/2) with the factor 2 folded into the shared down projection, and every
+other tensor is copied unchanged. Everything is written to a temporary directory that is renamed at the end,
+so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_conversion
+from dotmoe.errors import DotMoeError
+from dotmoe.export_formats import ExportPlan, moe_config, moe_keys, plan_export, router_key
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+REMOTE_CODE = ("configuration_dotmoe.py", "modeling_dotmoe.py")
+_BASE_CLASS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    """Where the model went, what format, parameter counts, and the parity check (if run)."""
+
+    out_dir: Path
+    plan: ExportPlan
+    params: dict[str, int]
+    parity: dict = field(default_factory=dict)
+
+
+class _TensorSource:
+    """Lazy access to the dense checkpoint's tensors (sharded or not), trained weights taking precedence."""
+
+    def __init__(self, model_dir: Path, trained: Path | None):
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise DotMoeError(f"{model_dir} has no .safetensors weights")
+        self.where: dict[str, Path] = {}
+        for f in files + ([trained] if trained else []):
+            with safe_open(str(f), framework="pt") as fh:
+                self.where.update({k: f for k in fh.keys()})
+        self._open: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise DotMoeError(f"tensor {name!r} missing from the model checkpoint")
+        f = self.where[name]
+        if f not in self._open:
+            self._open[f] = safe_open(str(f), framework="pt")
+        return self._open[f].get_tensor(name)
+
+
+class _ShardWriter:
+    """Accumulates tensors and flushes safetensors shards of at most `max_bytes` (plus the index)."""
+
+    def __init__(self, out: Path, max_bytes: int, dtype: torch.dtype):
+        self.out, self.max_bytes, self.dtype = out, max_bytes, dtype
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, int]] = []  # per shard: name -> numel
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.to(self.dtype).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.out / f"shard-{len(self.shards):05d}.safetensors"), metadata={"format": "pt"})
+        self.shards.append({k: v.numel() for k, v in self.pending.items()})
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, int]:
+        """Name the shards HF-style, write the index if there are several; return name -> numel."""
+        self.flush()
+        count, weight_map, numels = len(self.shards), {}, {}
+        for i, shard in enumerate(self.shards):
+            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.out / f"shard-{i:05d}.safetensors", self.out / final)
+            weight_map.update({k: final for k in shard})
+            numels.update(shard)
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return numels
+
+
+def _expert_tensors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, neurons: torch.Tensor, size: int,
+                    down_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slice one expert's gate/up rows and down columns, zero-padded to `size` neurons."""
+    pad = size - len(neurons)
+    g, u = gate[neurons].float(), up[neurons].float()
+    d = down[:, neurons].float() * down_scale
+    if pad:
+        g = torch.cat([g, g.new_zeros(pad, g.shape[1])])
+        u = torch.cat([u, u.new_zeros(pad, u.shape[1])])
+        d = torch.cat([d, d.new_zeros(d.shape[0], pad)], dim=1)
+    return g, u, d
+
+
+def _moe_tensors(conv: Conversion, plan: ExportPlan, layer: int, prefix: str, src: _TensorSource,
+                 expert_size: int) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, is_routed_expert) of one layer's MoE block."""
+    meta = conv.meta
+    experts, top_k, shared = meta["experts"], meta["top_k"], meta["shared"]
+    gate, up, down = (src.get(f"{prefix}.{w}_proj.weight") for w in ("gate", "up", "down"))
+    part = conv.partition[layer]
+    # stock weights are renormalised top-k probabilities (sum 1); softmax gating sums to k, and so does the
+    # stock approximation of mask gating. Only the custom class gives each selected expert exactly 1.
+    scale = 1.0 if meta["gating"] == "mask" and plan.custom else float(top_k)
+    yield router_key(plan.base, prefix), conv.routers[layer], False
+    for e in range(experts):
+        neurons = (part == e).nonzero().flatten()
+        for name, t in zip(moe_keys(plan.base, prefix, e), _expert_tensors(gate, up, down, neurons, expert_size, scale)):
+            yield name, t, True
+    if plan.base == "qwen2_moe":
+        neurons = (part == experts).nonzero().flatten()  # shared column = last id; empty when shared == 0
+        g, u, d = _expert_tensors(gate, up, down, neurons, shared, 2.0)
+        for w, t in (("gate", g), ("up", u), ("down", d)):
+            yield f"{prefix}.shared_expert.{w}_proj.weight", t, False
+        yield f"{prefix}.shared_expert_gate.weight", gate.new_zeros(1, gate.shape[1]), False
+
+
+def _fill_template(text: str, base: str) -> str:
+    return text.replace("__BASE_CLASS__", _BASE_CLASS[base]).replace("__BASE__", base)
+
+
+def _model_card(cfg: dict, plan: ExportPlan, meta: dict, params: dict[str, int]) -> str:
+    load = "AutoModelForCausalLM.from_pretrained(path" + (", trust_remote_code=True)" if plan.custom else ")")
+    return "\n".join([
+        f"# {plan.architecture} converted by dotmoe", "",
+        f"Dense model `{meta['base_model']}` converted with `{meta['method']}` into {meta['experts']} experts, "
+        f"top-{meta['top_k']} routing ({meta['gating']} gating)"
+        + (f", shared expert of {meta['shared']} neurons" if meta["shared"] else "") + ".", "",
+        f"- total parameters: {params['total_params']:,}",
+        f"- active parameters per token: {params['active_params']:,} "
+        f"(all non-expert parameters incl. embeddings + k/E of routed expert parameters)",
+        f"- active non-embedding parameters: {params['active_non_embedding_params']:,}",
+        f"- validation perplexity at conversion: {meta.get('val_ppl')} (dense {meta.get('dense_val_ppl')})",
+        f"- exact equivalent of the training-time sparse model: {plan.exact}" + (f" ({plan.note})" if plan.note else ""),
+        "", "```python", "from transformers import AutoModelForCausalLM", f"model = {load}", "```", ""])
+
+
+def _count_params(numels: dict[str, int], meta: dict, tied: bool) -> dict[str, int]:
+    routed = sum(n for k, n in numels.items() if ".experts." in k)
+    embedding = sum(n for k, n in numels.items() if k.endswith("embed_tokens.weight") or k.startswith("lm_head."))
+    total = sum(numels.values())
+    active = total - routed + routed * meta["top_k"] // meta["experts"]
+    return {"total_params": total, "active_params": active, "active_non_embedding_params": active - embedding,
+            "routed_expert_params": routed, "tied_embeddings": int(tied)}
+
+
+def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "auto",
+           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, check_tokens: int = 256,
+           pad_to: int = 8, progress: bool = True) -> ExportResult:
+    """Write the conversion in `convert_dir` as a MoE checkpoint in `out` (see module doc); optionally check it."""
+    convert_dir, out = Path(convert_dir), Path(out)
+    conv = load_conversion(convert_dir)
+    meta = conv.meta
+    base_dir = Path(meta["base_model"])
+    if not (base_dir / "config.json").is_file():
+        raise DotMoeError(f"the dense model of this conversion is missing: {base_dir}/config.json")
+    dense = json.loads((base_dir / "config.json").read_text())
+    plan = plan_export(dense, fmt, meta["shared"], meta["gating"], meta["top_k"])
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DotMoeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    trained = convert_dir / TRAINED_WEIGHTS_FILE
+    src = _TensorSource(base_dir, trained if trained.is_file() else None)
+    out_dtype_name = (dense.get("dtype") or dense.get("torch_dtype") or "float32") if dtype == "auto" else dtype
+    if out_dtype_name not in DTYPES:
+        raise DotMoeError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {out_dtype_name!r}")
+    routed_caps = meta["capacities"][: meta["experts"]]
+    # torch's CPU grouped_mm (transformers' default experts kernel) needs 16-byte strides: pad every expert with
+    # zero neurons to a multiple of `pad_to` (8 covers bf16/fp16); zero neurons contribute exactly 0.
+    expert_size = -(-max(routed_caps) // pad_to) * pad_to
+    mlp_prefixes = meta["mlp_modules"]
+    tied = bool(dense.get("tie_word_embeddings", False))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = _ShardWriter(tmp, max_shard_bytes, DTYPES[out_dtype_name])
+        mlp_tensor_names = {f"{p}.{w}_proj.weight" for p in mlp_prefixes for w in ("gate", "up", "down")}
+        for name in tqdm(src.names(), desc="export", unit="tensor", disable=not progress):
+            if name in mlp_tensor_names:
+                prefix = name.rsplit(".", 2)[0]  # model.layers.3.mlp.gate_proj.weight -> model.layers.3.mlp
+                if name.endswith("gate_proj.weight"):  # emit the whole layer once, on its gate tensor
+                    layer = mlp_prefixes.index(prefix)
+                    for moe_name, tensor, _ in _moe_tensors(conv, plan, layer, prefix, src, expert_size):
+                        writer.add(moe_name, tensor)
+                continue
+            if tied and name.startswith("lm_head."):
+                continue
+            writer.add(name, src.get(name))
+        numels = writer.finish()
+        params = _count_params(numels, meta, tied)
+        cfg = moe_config(dense, plan, experts=meta["experts"], top_k=meta["top_k"], expert_size=expert_size,
+                         shared=meta["shared"], gating=meta["gating"], dtype=out_dtype_name)
+        cfg["dotmoe"] = {**params, "method": meta["method"], "gating": meta["gating"], "exact": plan.exact,
+                         "capacities": meta["capacities"]}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in TOKENIZER_FILES:
+            if (base_dir / f).is_file():
+                shutil.copy2(base_dir / f, tmp / f)
+        if plan.custom:
+            from importlib.resources import files
+
+            for f in REMOTE_CODE:
+                text = files("dotmoe").joinpath("assets", "remote_code", f).read_text()
+                (tmp / f).write_text(_fill_template(text, plan.base))
+        shutil.copy2(convert_dir / META_FILE, tmp / META_FILE)
+        (tmp / "README.md").write_text(_model_card(cfg, plan, meta, params))
+        parity = check_export(convert_dir, tmp, plan, check_tokens) if check_tokens else {}
+        if parity:
+            (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            shutil.rmtree(old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, plan, params, parity)
+
+
+@torch.no_grad()
+def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: int) -> dict:
+    """Logits of the reloaded export vs the training-time sparse model (fp32) on validation text."""
+    from transformers import AutoModelForCausalLM
+
+    from dotmoe.data import load_texts, tokenize_stream
+    from dotmoe.paths import reference_data_file
+    from dotmoe.sparse_model import load_sparse_model
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    reference, tokenizer, _ = load_sparse_model(convert_dir, round_to=DTYPES[cfg["dtype"]])
+    exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=plan.custom)
+    exported.eval()
+    ids = tokenize_stream(tokenizer, load_texts([str(reference_data_file("validation"))]))[:tokens].unsqueeze(0)
+    a = reference(input_ids=ids).logits
+    b = exported(input_ids=ids).logits
+    return {"tokens": ids.shape[1], "max_abs_logit_diff": float((a - b).abs().max()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "exact_format": plan.exact}

@@ -1,0 +1,126 @@
+"""Which stock MoE architecture a dense model maps to, its config, and its checkpoint key names.
+
+    llama / mistral -> MixtralForCausalLM      (no shared expert)
+    qwen3           -> Qwen3MoeForCausalLM     (norm_topk_prob, no shared expert)
+    qwen2           -> Qwen2MoeForCausalLM     (shared expert, or size 0 with a zero gate)
+    llama / mistral with a shared expert -> Qwen2MoeForCausalLM with qkv_bias=False (same math)
+
+`mask` gating with k > 1 has no stock equivalent: it is exported exactly as `dotmoe`, a thin subclass of the
+stock class above shipped with the checkpoint (trust_remote_code), or approximately in the stock format.
+Weights are written in the per-expert layout (`experts.{j}.w1` / `experts.{j}.gate_proj`) that vLLM,
+llama.cpp's converter and transformers (which fuses it on load) all read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dotmoe.errors import DotMoeError
+
+FORMATS = ("auto", "mixtral", "qwen3_moe", "qwen2_moe", "dotmoe")
+STOCK_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM"}
+# dense config keys that mean nothing (or something else) in the MoE config
+_DROP_KEYS = ("architectures", "model_type", "intermediate_size", "mlp_bias", "pretraining_tp", "auto_map",
+              "transformers_version", "_name_or_path")
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What will be written: the stock base architecture, whether the custom class wraps it, and why."""
+
+    base: str  # mixtral | qwen3_moe | qwen2_moe
+    custom: bool  # write the exact `dotmoe` class (mask gating, k > 1)
+    exact: bool  # the written model computes exactly the training-time sparse forward
+    note: str = ""
+
+    @property
+    def architecture(self) -> str:
+        return "DotMoeForCausalLM" if self.custom else STOCK_CLASSES[self.base]
+
+
+def _base_for(dense: dict, shared: int) -> str:
+    model_type = dense.get("model_type")
+    if model_type in ("llama", "mistral"):
+        if dense.get("attention_bias") or dense.get("mlp_bias"):
+            raise DotMoeError(f"{model_type} with attention_bias/mlp_bias has no stock MoE equivalent "
+                              "(Mixtral has no biases)")
+        if shared:
+            if dense.get("sliding_window") is not None and model_type == "mistral":
+                raise DotMoeError("a shared expert needs the Qwen2-MoE format, which cannot express Mistral's "
+                                  "sliding window on every layer; convert without --shared")
+            head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
+            if head_dim * dense["num_attention_heads"] != dense["hidden_size"]:
+                raise DotMoeError("a shared expert needs the Qwen2-MoE format, which requires head_dim = "
+                                  "hidden_size / num_attention_heads; convert without --shared")
+            return "qwen2_moe"
+        return "mixtral"
+    if model_type == "qwen3":
+        if shared:
+            raise DotMoeError("Qwen3-MoE has no shared expert; convert a Qwen3 model without --shared")
+        return "qwen3_moe"
+    if model_type == "qwen2":
+        return "qwen2_moe"
+    raise DotMoeError(f"no MoE export for model_type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
+
+
+def plan_export(dense: dict, fmt: str, shared: int, gating: str, top_k: int) -> ExportPlan:
+    """Pick the target of `dotmoe export --format fmt` for a dense config and a conversion's routing."""
+    if fmt not in FORMATS:
+        raise DotMoeError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    base = _base_for(dense, shared)
+    stock_exact = gating == "softmax" or top_k == 1
+    if fmt in ("auto", "dotmoe"):
+        custom = fmt == "dotmoe" or not stock_exact
+        note = "mask gating with k>1 has no stock equivalent: exact custom class (trust_remote_code)" \
+            if custom and not stock_exact else ""
+        return ExportPlan(base, custom, True, note)
+    if fmt != base:
+        raise DotMoeError(f"a {dense.get('model_type')} model{' with a shared expert' if shared else ''} "
+                          f"exports to {base!r}, not {fmt!r}")
+    note = "" if stock_exact else ("APPROXIMATION: mask gating (weight 1 per selected expert) written as stock "
+                                   "renormalised top-k weights times k")
+    return ExportPlan(base, False, stock_exact, note)
+
+
+def moe_config(dense: dict, plan: ExportPlan, *, experts: int, top_k: int, expert_size: int, shared: int,
+               gating: str, dtype: str) -> dict:
+    """config.json of the exported model (dense settings carried over, MoE keys added)."""
+    cfg = {k: v for k, v in dense.items() if k not in _DROP_KEYS}
+    if plan.base == "mixtral":
+        cfg.update(num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
+                   router_jitter_noise=0.0, output_router_logits=False)
+        cfg.setdefault("sliding_window", None)
+    else:
+        cfg.update(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
+                   intermediate_size=expert_size, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                   output_router_logits=False)
+        if plan.base == "qwen2_moe":
+            cfg.update(shared_expert_intermediate_size=shared,
+                       qkv_bias=dense.get("model_type") == "qwen2",
+                       use_sliding_window=dense.get("use_sliding_window", False))
+            cfg.pop("head_dim", None)
+            cfg.pop("attention_bias", None)
+    cfg["dtype"] = dtype
+    if plan.custom:
+        cfg.update(model_type=f"dotmoe_{plan.base}", dotmoe_gating=gating,
+                   auto_map={"AutoConfig": "configuration_dotmoe.DotMoeConfig",
+                             "AutoModelForCausalLM": "modeling_dotmoe.DotMoeForCausalLM"})
+    else:
+        cfg["model_type"] = plan.base
+    cfg["architectures"] = [plan.architecture]
+    return cfg
+
+
+def moe_keys(base: str, prefix: str, expert: int) -> tuple[str, str, str]:
+    """Checkpoint names of (gate, up, down) of routed expert `expert` under the MLP module `prefix`."""
+    if base == "mixtral":
+        root = prefix.rsplit(".", 1)[0] + ".block_sparse_moe"
+        return tuple(f"{root}.experts.{expert}.{w}.weight" for w in ("w1", "w3", "w2"))
+    return tuple(f"{prefix}.experts.{expert}.{w}_proj.weight" for w in ("gate", "up", "down"))
+
+
+def router_key(base: str, prefix: str) -> str:
+    if base == "mixtral":
+        return prefix.rsplit(".", 1)[0] + ".block_sparse_moe.gate.weight"
+    return f"{prefix}.gate.weight"

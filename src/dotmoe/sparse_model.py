@@ -1,0 +1,50 @@
+"""The training-time sparse model of a conversion: dense weights + MoeMLP masks, rebuilt from its output dir.
+
+This is the reference every export is checked against: it computes exactly what `dotmoe convert` trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dotmoe.architecture import load_causal_lm
+from dotmoe.artifacts import TRAINED_WEIGHTS_FILE, Conversion, load_conversion
+from dotmoe.moe_mlp import install_moe
+
+
+def load_sparse_model(convert_dir: str | Path, dtype: torch.dtype = torch.float32, round_to: torch.dtype | None = None):
+    """(model with MoeMLP layers using the saved hard partition and routers, tokenizer, conversion).
+
+    `round_to` rounds routers and trained weights through that dtype first (to mirror an export in bf16).
+    """
+    conv = load_conversion(convert_dir)
+    meta = conv.meta
+    model, tokenizer = load_causal_lm(meta["base_model"], dtype=round_to or dtype,
+                                      trust_remote_code=meta.get("config", {}).get("trust_remote_code", False))
+    model.to(dtype)
+    trained = Path(convert_dir) / TRAINED_WEIGHTS_FILE
+    if trained.is_file():  # experts / full training changed the dense weights themselves
+        state = load_file(str(trained))
+        missing = [k for k in state if k not in model.state_dict()]
+        if missing:
+            from dotmoe.errors import DotMoeError
+
+            raise DotMoeError(f"{trained} has tensors the base model lacks: {missing[:3]}")
+        model.load_state_dict({k: v.to(round_to or dtype).to(dtype) for k, v in state.items()}, strict=False)
+    moes = install_moe(model, meta["experts"], meta["top_k"], meta["gating"], shared=meta["shared"] > 0)
+    apply_conversion(moes, conv, round_to)
+    return model.eval(), tokenizer, conv
+
+
+def apply_conversion(moes, conv: Conversion, router_dtype: torch.dtype | None = None) -> None:
+    """Give each MoeMLP its hard one-hot assignment and trained router."""
+    num_columns = len(conv.meta["capacities"])
+    for layer, moe in enumerate(moes):
+        moe.assignment = torch.nn.functional.one_hot(conv.partition[layer], num_columns).float()
+        weight = conv.routers[layer]
+        if router_dtype is not None:
+            weight = weight.to(router_dtype)
+        moe.router.weight.data.copy_(weight.float())
