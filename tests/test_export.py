@@ -205,3 +205,18 @@ def test_convert_exports_trained_expert_weights_exactly(tiny_llama_dir, tiny_tex
     dense = load_file(str(tiny_llama_dir / "model.safetensors"))
     name = "model.layers.0.mlp.down_proj.weight"
     assert (trained[name] - dense[name]).abs().max() > 1e-4
+
+
+def test_sharded_export_writes_an_index_and_reloads(tmp_path):
+    dense = save_tiny("qwen3", tmp_path / "dense")
+    conv = fake_conversion(dense, tmp_path / "conv")
+    export(conv, tmp_path / "moe", max_shard_bytes=20_000, check_tokens=0, progress=False)
+    index = json.loads((tmp_path / "moe" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((tmp_path / "moe" / s).is_file() for s in shards)
+    reference, _, _ = load_sparse_model(conv)
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    _, got = logits_of_export(tmp_path / "moe", ids)
+    assert (expected - got).abs().max().item() < 1e-4

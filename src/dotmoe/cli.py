@@ -76,6 +76,27 @@ def cmd_export(args: argparse.Namespace) -> None:
                    "parity": r.parity})
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dotmoe.evaluate import EvalConfig, evaluate, format_report
+
+    out = Path(args.out) if args.out else Path(args.model) / "eval.json"
+    cfg = EvalConfig(model=args.model, dense=args.dense or "", data=args.data or [], tokens=args.tokens,
+                     recon_tokens=args.recon_tokens, tasks=args.tasks or [], task_dir=args.task_dir or "",
+                     limit=args.limit, trust_remote_code=args.trust_remote_code, out=str(out))
+    report = evaluate(cfg)
+    print(format_report(report))
+    if "router" in report:
+        from dotmoe.plots import load_heatmap
+
+        load_heatmap(report["router"]["load"], out.with_name(out.stem + "_expert_load.png"),
+                     f"expert load: {Path(args.model).name}")
+    if "recon_error" in report:
+        from dotmoe.plots import recon_per_layer
+
+        recon_per_layer({Path(args.model).name: report["recon_error"]}, out.with_name(out.stem + "_recon.png"))
+    print(f"report: {out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from dotmoe.paths import reference_data_file, reference_model_dir
 
@@ -157,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=2.0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("eval", help="perplexity, FFN reconstruction error, router stats and lm-eval tasks")
+    p.add_argument("--model", required=True, help="HF model directory (exported MoE, pruned or dense)")
+    p.add_argument("--dense", help="the dense model, for retention and per-layer reconstruction error")
+    p.add_argument("--data", nargs="+", help="held-out text files (default: bundled test split)")
+    p.add_argument("--tokens", type=int, default=65_536, help="perplexity tokens (strided windows 256/128)")
+    p.add_argument("--recon-tokens", type=int, default=4096)
+    p.add_argument("--tasks", nargs="+", help="lm-eval tasks: bundled `pydoc_cloze`, or names in --task-dir")
+    p.add_argument("--task-dir", help="directory of lm-eval task YAMLs that read local data files")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--trust-remote-code", action="store_true", help="needed for the custom dotmoe class")
+    p.add_argument("--out", help="report JSON (default MODEL/eval.json); PNG plots are written beside it")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="DOT-MoE vs random split on the bundled reference model")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--tokens", type=int, default=500_000)

@@ -12,7 +12,7 @@ from dotmoe.errors import DotMoeError
 from dotmoe.export_formats import FORMATS as EXPORT_FORMATS
 from dotmoe.router import GATING_MODES
 
-METHODS = ("dotmoe", "random", "sequential", "weight-kmeans")
+METHODS = ("dotmoe", "random", "sequential", "weight-kmeans", "activation", "hidden-kmeans-router", "prune")
 TRAINABLE = ("router+assignment", "experts", "full")
 AFFINITY_INITS = ("weight-kmeans", "random")
 ROUTER_INITS = ("lstsq", "random")
@@ -84,7 +84,9 @@ class ConvertConfig:
             raise DotMoeError(f"--shared must be >= 0, got {self.shared}")
         if self.capacities is not None and (len(self.capacities) != self.experts or min(self.capacities) < 1):
             raise DotMoeError(f"capacities must be {self.experts} sizes >= 1, got {self.capacities}")
-        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",
+        if self.tokens < 0:
+            raise DotMoeError(f"tokens must be >= 0 (0 = training-free), got {self.tokens}")
+        for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",
                      "calib_tokens", "eval_tokens", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -96,6 +98,9 @@ class ConvertConfig:
 
     @property
     def steps(self) -> int:
+        """Optimizer steps; 0 only for a training-free conversion (tokens == 0)."""
+        if self.tokens == 0:
+            return 0
         return max(1, self.tokens // (self.batch_size * self.grad_accum * self.seq_len))
 
     def to_dict(self) -> dict:

@@ -18,3 +18,8 @@ def reference_data_file(split: str = "validation") -> Path:
     if split not in DATA_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(DATA_SPLITS)}")
     return ASSETS / "data" / f"{split}.txt"
+
+
+def tasks_dir() -> Path:
+    """Bundled lm-eval task YAMLs (+ their local data)."""
+    return ASSETS / "tasks"

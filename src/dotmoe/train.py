@@ -109,10 +109,18 @@ def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_e
     return w.t().contiguous()
 
 
-def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Tensor) -> torch.Tensor:
-    """Starting partition [L, N] per layer (for baselines: the final one). Shared column = last expert id."""
+def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Tensor,
+                       mlp_inputs: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Starting partition [L, N] per layer (for baselines: the final one; shared column = last expert id), and
+    the method's own analytic routers when it has them (activation, hidden-kmeans-router)."""
+    from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
+
     gen = torch.Generator().manual_seed(cfg.seed)
     kind = cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
+    if kind in ("activation", "hidden-kmeans-router"):
+        method = activation_partition if kind == "activation" else hidden_kmeans_partition
+        pairs = [method(mlp, x, caps, cfg.shared, gen) for mlp, x in zip(mlps, mlp_inputs)]
+        return torch.stack([p for p, _ in pairs]), [r for _, r in pairs]
     parts = []
     for mlp in mlps:
         if kind == "random":
@@ -121,7 +129,7 @@ def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Te
             parts.append(sequential_partition(caps))
         else:
             parts.append(weight_kmeans_partition(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), caps, gen))
-    return torch.stack(parts)
+    return torch.stack(parts), None
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -134,53 +142,90 @@ def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
 
 
-def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
-    """Run the DOT-MoE conversion (or a baseline) and write partition + router + metadata to cfg.out."""
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
+@dataclass
+class Prepared:
+    """Everything a conversion needs before it starts: model, tokenizer, packed data, evaluation ids, MLPs."""
 
+    model: nn.Module
+    tokenizer: object
+    model_path: Path
+    seqs: torch.Tensor
+    eval_ids: torch.Tensor
+    mlp_names: list[str]
+    mlps: list[nn.Module]
+
+    @property
+    def num_neurons(self) -> int:
+        return self.mlps[0].gate_proj.out_features
+
+    def calibration_inputs(self, cfg: ConvertConfig) -> list[torch.Tensor]:
+        """Dense MLP inputs on `calib_tokens` tokens of (shuffled) training data."""
+        calib = self.seqs[torch.randperm(len(self.seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
+        calib = calib[: max(1, cfg.calib_tokens // cfg.seq_len)]
+        return collect_mlp_inputs(self.model, self.mlps, calib)
+
+
+def prepare(cfg: ConvertConfig) -> Prepared:
+    """Load data (first: bad data fails before a large model loads), model and tokenizer; validate sizes."""
     from dotmoe.paths import reference_data_file, reference_model_dir
 
     model_path = Path(cfg.model or reference_model_dir())
-    data_files = cfg.data or [str(reference_data_file("train_sample"))]
-    out = Path(cfg.out)
-    try:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                                  cpu=not torch.cuda.is_available())
-    except ValueError as exc:  # accelerate keeps one process-wide state (precision, device)
-        raise DotMoeError(f"cannot set up accelerate with mixed_precision={cfg.mixed_precision!r} in this process "
-                          f"(an earlier conversion here used other settings); run it in a new process: {exc}") from exc
-    _seed_everything(cfg.seed)
-
-    texts = load_texts(data_files)  # bad data fails before the (possibly large) model is loaded
+    texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
     eval_texts = load_texts(cfg.eval_data or [str(reference_data_file("validation"))])
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     named_mlps = find_gated_mlps(model)
-    mlp_names, mlps = [n for n, _ in named_mlps], [m for _, m in named_mlps]
-    num_neurons = mlps[0].gate_proj.out_features
-    cfg.validate_for(num_neurons)
-    ids = tokenize_stream(tokenizer, texts)
-    seqs = pack_sequences(ids, cfg.seq_len)
+    mlps = [m for _, m in named_mlps]
+    cfg.validate_for(mlps[0].gate_proj.out_features)
+    seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
     if len(seqs) < cfg.batch_size:
         raise DotMoeError(f"data too short: {len(seqs)} sequences of {cfg.seq_len} tokens, need >= batch size "
                           f"{cfg.batch_size}")
-    eval_ids = tokenize_stream(tokenizer, eval_texts)
-    eval_ids = eval_ids[: cfg.eval_tokens]
+    eval_ids = tokenize_stream(tokenizer, eval_texts)[: cfg.eval_tokens]
+    if len(eval_ids) < 2:
+        raise DotMoeError("evaluation data is empty")
+    model.requires_grad_(False)
+    return Prepared(model, tokenizer, model_path, seqs, eval_ids, [n for n, _ in named_mlps], mlps)
 
+
+def _accelerator(cfg: ConvertConfig):
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                           cpu=not torch.cuda.is_available())
+    except ValueError as exc:  # accelerate keeps one process-wide state (precision, device)
+        raise DotMoeError(f"cannot set up accelerate with mixed_precision={cfg.mixed_precision!r} in this process "
+                          f"(an earlier conversion here used other settings); run it in a new process: {exc}") from exc
+
+
+def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
+    """Run the DOT-MoE conversion (or a baseline) and write partition + router + metadata to cfg.out."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    accelerator = _accelerator(cfg)
+    _seed_everything(cfg.seed)
+    prep = prepare(cfg)
+    if cfg.method == "prune":
+        from dotmoe.prune import prune_convert
+
+        return prune_convert(cfg, prep)
+    model, model_path, seqs, eval_ids = prep.model, prep.model_path, prep.seqs, prep.eval_ids
+    out = Path(cfg.out)
+    mlp_names, mlps, num_neurons = prep.mlp_names, prep.mlps, prep.num_neurons
     routed_caps = capacities(num_neurons - cfg.shared, cfg.experts, cfg.capacities)
     caps = torch.tensor(routed_caps + ([cfg.shared] if cfg.shared else []))
-    model.requires_grad_(False)
-    partitions = initial_partitions(cfg, mlps, caps)
-    calib = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
-    calib = calib[: max(1, cfg.calib_tokens // cfg.seq_len)]
-    mlp_inputs = collect_mlp_inputs(model, mlps, calib) if cfg.init_router == "lstsq" else None
+    needs_inputs = cfg.init_router == "lstsq" or cfg.method in ("activation", "hidden-kmeans-router")
+    mlp_inputs = prep.calibration_inputs(cfg) if needs_inputs else None
+    partitions, analytic_routers = initial_partitions(cfg, mlps, caps, mlp_inputs)
 
     teacher = copy.deepcopy(model).eval() if cfg.trainable != "router+assignment" and cfg.kl_weight > 0 else None
     moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0)
     torch.manual_seed(cfg.seed)
     for layer, moe in enumerate(moes):
         moe.router.weight.data.normal_(std=moe.router.weight.shape[1] ** -0.5)
-        if mlp_inputs is not None:
+        if analytic_routers is not None:  # the baseline's own router
+            moe.router.weight.data.copy_(analytic_routers[layer])
+        elif cfg.init_router == "lstsq":
             moe.router.weight.data.copy_(lstsq_router(moe.dense, mlp_inputs[layer], partitions[layer], cfg.experts))
     affinity = cfg.init_scale * torch.nn.functional.one_hot(partitions, len(caps)).float()
     if cfg.method == "dotmoe" and cfg.init_affinity == "random":
@@ -281,6 +326,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                              ckpt_path)
 
     raw.eval()
+    if cfg.steps == 0:  # training-free: the initial partition at the final temperature
+        raw.assigner.tau = cfg.tau_end
     with torch.no_grad():
         partition = raw.set_assignment().hard
     final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)

@@ -1,0 +1,84 @@
+"""`--method prune`: structured FFN width pruning at the same active budget as the MoE (a baseline).
+
+Keeps, in every layer, the `shared + (N - shared) * k / E` most important neurons (mean |h_n| * ||W_down[:, n]||
+on calibration tokens), so the pruned dense FFN has the MoE's active FFN parameter count. Training-free; the
+output is a plain dense checkpoint of the same class with a smaller `intermediate_size`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from torch import nn
+
+from dotmoe.artifacts import META_FILE
+from dotmoe.calibration_methods import prune_keep
+from dotmoe.config import ConvertConfig
+from dotmoe.perplexity import perplexity
+
+
+def kept_neurons(cfg: ConvertConfig, num_neurons: int) -> int:
+    return cfg.shared + round((num_neurons - cfg.shared) * cfg.top_k / cfg.experts)
+
+
+def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    out_f, in_f = weight.shape
+    new = nn.Linear(in_f, out_f, bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
+    new.weight.data.copy_(weight)
+    if linear.bias is not None:
+        new.bias.data.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach()[index])
+    return new
+
+
+def prune_convert(cfg: ConvertConfig, prep):
+    """Prune every gated MLP of `prep.model` in place, save it to <out>/model, and write the summary."""
+    from pathlib import Path
+
+    from dotmoe.train import ConvertResult
+
+    t0 = time.time()
+    out = Path(cfg.out)
+    model, n = prep.model, prep.num_neurons
+    with torch.no_grad():
+        dense_ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    keep = kept_neurons(cfg, n)
+    inputs = prep.calibration_inputs(cfg)
+    kept = []
+    for mlp, x in zip(prep.mlps, inputs):
+        index = prune_keep(mlp, x, keep)
+        kept.append(index)
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, index, 0)
+        mlp.up_proj = _slice_linear(mlp.up_proj, index, 0)
+        mlp.down_proj = _slice_linear(mlp.down_proj, index, 1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = keep
+    model.config.intermediate_size = keep
+    with torch.no_grad():
+        ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    prep.tokenizer.save_pretrained(model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    if not model.config.tie_word_embeddings:
+        embed += model.get_output_embeddings().weight.numel()
+    summary = {
+        "method": "prune", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "gating": None,
+        "intermediate_size": n, "kept_neurons": keep, "num_layers": len(prep.mlps), "mlp_modules": prep.mlp_names,
+        "base_model": str(prep.model_path.resolve()), "train_tokens": 0, "steps": 0,
+        "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "val_ppl": round(ppl, 4),
+        "dense_val_ppl": round(dense_ppl, 4), "ppl_ratio": round(ppl / dense_ppl, 4), "eval_curve": [],
+        "config": cfg.to_dict(),
+        "export": {"dir": str(model_dir), "architecture": type(model).__name__, "exact": True,
+                   "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,
+                   "parity": {}},
+    }
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / META_FILE)
+    return ConvertResult(out_dir=out, partition=torch.stack(kept), summary=summary)

@@ -1,0 +1,95 @@
+"""Baselines: activation (CMoE), hidden-kmeans-router (LLaMA-MoE-v2), prune; training-free conversions."""
+
+import pytest
+import torch
+from torch import nn
+
+from dotmoe.calibration_methods import (FIRE_FRACTION, activation_partition, hidden_kmeans_partition,
+                                        neuron_activations, prune_keep)
+from dotmoe.config import ConvertConfig
+from dotmoe.train import convert
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d=16, n=64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.gate_proj, self.up_proj = nn.Linear(d, n, bias=False), nn.Linear(d, n, bias=False)
+        self.down_proj = nn.Linear(n, d, bias=False)
+        self.act_fn = nn.SiLU()
+
+
+def test_activation_partition_shares_the_most_frequent_neurons_and_balances_the_rest():
+    mlp, x = GatedMLP(), torch.randn(500, 16, generator=torch.Generator().manual_seed(1))
+    caps = torch.tensor([13, 13, 13, 13, 12])  # 4 routed experts + shared column of 12
+    part, router = activation_partition(mlp, x, caps, shared=12, generator=torch.Generator().manual_seed(0))
+    assert torch.bincount(part, minlength=5).tolist() == caps.tolist()
+    h = neuron_activations(mlp, x).abs()
+    k = int(FIRE_FRACTION * 64)
+    rate = torch.zeros_like(h).scatter_(1, h.topk(k, dim=1).indices, 1.0).mean(0)
+    assert set((part == 4).nonzero().flatten().tolist()) == set(rate.topk(12).indices.tolist())
+    for e in range(4):  # each router row is the gate row of one of the expert's own neurons
+        members = (part == e).nonzero().flatten()
+        assert any(torch.equal(router[e], mlp.gate_proj.weight[n]) for n in members)
+
+
+def test_hidden_kmeans_assignment_beats_random_on_its_own_importance():
+    mlp, x = GatedMLP(seed=2), torch.randn(800, 16, generator=torch.Generator().manual_seed(3))
+    caps = torch.tensor([16, 16, 16, 16])
+    part, router = hidden_kmeans_partition(mlp, x, caps, shared=0, generator=torch.Generator().manual_seed(0))
+    assert torch.bincount(part, minlength=4).tolist() == [16] * 4
+    assert router.shape == (4, 16)
+    # tokens routed by the centroid router use their expert's neurons more than a random expert's would
+    h = neuron_activations(mlp, x).abs()
+    chosen = (x @ router.t()).argmax(-1)
+    own = torch.stack([h[i, part == chosen[i]].mean() for i in range(len(x))]).mean()
+    g = torch.Generator().manual_seed(5)
+    rand = part[torch.randperm(64, generator=g)]
+    other = torch.stack([h[i, rand == chosen[i]].mean() for i in range(len(x))]).mean()
+    assert own > other
+
+
+def test_prune_keeps_the_most_important_neurons():
+    mlp, x = GatedMLP(seed=4), torch.randn(300, 16, generator=torch.Generator().manual_seed(6))
+    keep = prune_keep(mlp, x, 16)
+    importance = neuron_activations(mlp, x).abs().mean(0) * mlp.down_proj.weight.norm(dim=0)
+    assert keep.tolist() == sorted(importance.topk(16).indices.tolist())
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=str(model), data=[str(data)], eval_data=[str(data)], out=str(out), experts=4, top_k=2,
+                tokens=0, seq_len=32, batch_size=4, eval_tokens=256, calib_tokens=256, seed=0)
+    base.update(kw)
+    return ConvertConfig(**base)
+
+
+def test_pruned_model_equals_dense_with_dropped_neurons_zeroed(tiny_llama_dir, tiny_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    res = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "p", method="prune"), progress=False)
+    kept = res.partition  # [L, kept neurons]
+    assert kept.shape == (2, 32) and res.summary["kept_neurons"] == 32  # 64 * 2/4
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "model", dtype=torch.float32).eval()
+    assert pruned.config.intermediate_size == 32
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer, index in zip(dense.model.layers, kept):
+            dropped = torch.ones(64, dtype=torch.bool)
+            dropped[index] = False
+            layer.mlp.down_proj.weight[:, dropped] = 0
+        ids = torch.arange(30).unsqueeze(0)
+        assert torch.allclose(pruned(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["random", "sequential", "weight-kmeans", "activation", "hidden-kmeans-router",
+                                    "dotmoe"])
+def test_training_free_and_trained_variants_share_the_partition_recipe(method, tiny_llama_dir, tiny_text, tmp_path):
+    free = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "free", method=method), progress=False)
+    assert free.summary["train_tokens"] == 0 and free.summary["steps"] == 0
+    trained = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "tr", method=method, tokens=4 * 4 * 32),
+                      progress=False)
+    for part in (free.partition, trained.partition):
+        assert all(torch.bincount(p, minlength=4).tolist() == [16] * 4 for p in part)
+    if method != "dotmoe":  # baselines keep their partition; only the router trains
+        assert torch.equal(free.partition, trained.partition)
+    assert trained.summary["export"]["parity"]["max_abs_logit_diff"] < 1e-4
