@@ -34,6 +34,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
 
     Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -53,7 +54,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
                                                      trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise DotMoeError(f"cannot load {path} as a causal LM: {str(exc).splitlines()[0]}") from exc
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         raise DotMoeError(f"cannot read model weights in {path}: {str(exc).splitlines()[0]}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -30,6 +31,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainable", help="router+assignment | experts | full")
     p.add_argument("--eval-every", type=int, help="evaluate validation perplexity every N steps (0 = end only)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint.pt")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--export-format", help="auto | mixtral | qwen3_moe | qwen2_moe | dotmoe | none "
@@ -50,6 +52,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     cfg = build_convert_config(args)
     result = convert(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # distributed run: the main process reports
+        return
     s = result.summary
     print(f"{s['method']}: E={s['experts']} k={s['top_k']} tokens={s['train_tokens']} "
           f"val PPL {s['val_ppl']:.3f} (dense {s['dense_val_ppl']:.3f}, ratio {s['ppl_ratio']:.3f}) -> {result.out_dir}")
@@ -135,7 +139,8 @@ def demo_report(out_dirs: list[Path], header: str) -> str:
     logs = []
     for out in out_dirs:
         s = json.loads((Path(out) / "dotmoe_meta.json").read_text())
-        logs.append((s["method"], [json.loads(x) for x in (Path(out) / "train_log.jsonl").read_text().splitlines()]))
+        records = [json.loads(x) for x in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+        logs.append((s["method"], [r for r in records if "event" not in r]))
         lines.append(f"| {s['method']} | {s['experts']} | {s['top_k']} | {s['train_tokens']} | {s['val_ppl']:.3f} | "
                      f"{s['dense_val_ppl']:.3f} | {s['ppl_ratio']:.3f} | {s['final_terms']['kl']:.4f} | "
                      f"{s['wall_seconds']} |")

@@ -58,6 +58,7 @@ class ConvertConfig:
     eval_tokens: int = 32_768
     eval_every: int = 0
     checkpoint_every: int = 50
+    max_bad_steps: int = 3  # consecutive non-finite steps (each reverted and skipped) before giving up
     log_every: int = 10
     seed: int = 0
     resume: bool = False
@@ -87,7 +88,7 @@ class ConvertConfig:
         if self.tokens < 0:
             raise DotMoeError(f"tokens must be >= 0 (0 = training-free), got {self.tokens}")
         for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",
-                     "calib_tokens", "eval_tokens", "checkpoint_every", "log_every"):
+                     "calib_tokens", "eval_tokens", "checkpoint_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if min(self.tau_start, self.tau_end, self.kl_temperature) <= 0:

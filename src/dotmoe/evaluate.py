@@ -40,6 +40,7 @@ class EvalConfig:
     batch_size: int = 8
     trust_remote_code: bool = False
     out: str = ""
+    dense_ppl: float | None = None  # known dense perplexity on the same tokens (skips recomputing it)
 
     def __post_init__(self) -> None:
         if not 0 < self.stride <= self.seq_len:
@@ -201,8 +202,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         if len(dense_tok) != len(tok):
             raise DotMoeError(f"dense tokenizer has {len(dense_tok)} tokens, the model's {len(tok)}")
         report["dense_params"] = sum(p.numel() for p in dense.parameters())
-        report["dense_ppl"] = perplexity(dense, ids, cfg.seq_len, cfg.stride, batch_size=cfg.batch_size,
-                                         progress=progress)
+        report["dense_ppl"] = cfg.dense_ppl or perplexity(dense, ids, cfg.seq_len, cfg.stride,
+                                                          batch_size=cfg.batch_size, progress=progress)
         report["ppl_ratio"] = report["ppl"] / report["dense_ppl"]
         report["retention"] = report["dense_ppl"] / report["ppl"]
         errors = reconstruction_errors(dense, model, recon_batches)

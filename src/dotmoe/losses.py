@@ -54,13 +54,25 @@ def router_z_loss(outputs: list[RouterOutput]) -> torch.Tensor:
     return torch.stack([torch.logsumexp(o.logits, -1).pow(2).mean() for o in outputs]).mean()
 
 
+def _global_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Top-k slot counts per expert summed over all data-parallel processes (the global batch)."""
+    counts = mask.sum(0).detach()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    return counts
+
+
 def load_balancing_loss(outputs: list[RouterOutput]) -> torch.Tensor:
-    """Switch load-balancing loss E * sum_e f_e * P_e (f_e: share of top-k slots, P_e: mean prob), layer mean."""
+    """Switch load-balancing loss E * sum_e f_e * P_e (f_e: share of top-k slots, P_e: mean prob), layer mean.
+
+    Under data parallelism f is taken over the global batch (P stays local: gradient averaging across processes
+    then equals the single-process gradient of the global-batch loss).
+    """
     terms = []
     for o in outputs:
         e = o.probs.shape[-1]
-        mask = o.topk_mask.reshape(-1, e)
-        f = mask.sum(0) / mask.sum()
+        counts = _global_counts(o.topk_mask.reshape(-1, e))
+        f = counts / counts.sum()
         p = o.probs.reshape(-1, e).mean(0)
         terms.append(e * (f * p).sum())
     return torch.stack(terms).mean()
@@ -70,6 +82,6 @@ def expert_load_cv(outputs: list[RouterOutput]) -> float:
     """Mean over layers of the coefficient of variation of expert load (top-k slot counts)."""
     cvs = []
     for o in outputs:
-        load = o.topk_mask.reshape(-1, o.topk_mask.shape[-1]).sum(0)
+        load = _global_counts(o.topk_mask.reshape(-1, o.topk_mask.shape[-1]))
         cvs.append(float(load.std(unbiased=False) / load.mean().clamp_min(1e-9)))
     return sum(cvs) / max(1, len(cvs))

@@ -142,6 +142,54 @@ def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
 
 
+def _snapshot(module: MoeTrainingModule, optimizer) -> tuple[dict, dict]:
+    """In-memory copy of the trainable parameters and optimizer state (what a bad step reverts to)."""
+    return _trainable_state(module), copy.deepcopy(optimizer.state_dict())
+
+
+def _restore(module: MoeTrainingModule, optimizer, snapshot: tuple[dict, dict]) -> None:
+    params, opt_state = snapshot
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+    optimizer.load_state_dict(copy.deepcopy(opt_state))
+
+
+def _bad_terms(terms: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v).all()] or ["loss"]
+
+
+def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> bool:
+    """Before training: the output directory is writable and its disk has room for checkpoints + export.
+
+    Returns whether `out` was created here (so a failed pre-flight can remove it again).
+    """
+    import shutil
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dotmoe-write-test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as exc:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 params + 2 AdamW moments
+    trained = weights if cfg.trainable != "router+assignment" else 0  # trained dense weights are saved too
+    need = int(1.1 * (checkpoint + weights + trained)) + 64 * 1024**2
+    free = shutil.disk_usage(out).free
+    if free < need:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise DotMoeError(f"not enough disk space in {out}: about {need / 1024**3:.2f} GiB needed for checkpoints "
+                          f"and the export, {free / 1024**3:.2f} GiB free")
+    return created
+
+
 @dataclass
 class Prepared:
     """Everything a conversion needs before it starts: model, tokenizer, packed data, evaluation ids, MLPs."""
@@ -247,10 +295,15 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     module = MoeTrainingModule(model, assigner, moes, cfg, teacher)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    # the scheduler is not prepared: accelerate would step it once per process, but batch_size is the global
+    # batch (split across processes), so one optimizer step is one schedule step
+    module, optimizer = accelerator.prepare(module, optimizer)
     raw = accelerator.unwrap_model(module)
 
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % accelerator.num_processes:
+        raise DotMoeError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
+                          f"{accelerator.num_processes} processes")
+    preflight(out, cfg, model)
     ckpt_path = out / "checkpoint.pt"
     log_path = out / "train_log.jsonl"
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -286,25 +339,47 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     bar = tqdm(range(start_step, cfg.steps), desc=f"convert ({cfg.method})", unit="step", disable=not progress,
                initial=start_step, total=cfg.steps)
     module.train()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    good = _snapshot(raw, optimizer)  # the state a non-finite step reverts to
+    failures = 0
     for step in bar:
         raw.assigner.tau = tau_at(step)
         terms_sum: dict[str, float] = {}
+        finite = True
         for micro in range(cfg.grad_accum):
             idx = order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
-            batch = seqs[idx].to(accelerator.device)
+            batch = seqs[idx[rank::world]].to(accelerator.device)  # this process's share of the global batch
             with accelerator.accumulate(module):
                 terms = module(batch)
-                if not torch.isfinite(terms["loss"]):
-                    bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-                    raise DotMoeError(f"non-finite loss at step {step} (terms: {', '.join(bad)}); "
-                                      f"last good checkpoint: {ckpt_path}")
+                finite = bool(accelerator.gather(torch.isfinite(terms["loss"]).float().reshape(1)).min() > 0)
+                if not finite:  # decided jointly, so no process waits in a collective the others skip
+                    break
                 accelerator.backward(terms["loss"])
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(accelerator.reduce(v.detach(), "mean")) / cfg.grad_accum
+        if not finite:
+            failures += 1
+            event = {"step": step + 1, "event": "non_finite_loss", "terms": _bad_terms(terms),
+                     "router_layers": [i for i, m in enumerate(raw.moes) if m.last_router is not None
+                                       and not torch.isfinite(m.last_router.logits).all()],
+                     "consecutive_failures": failures}
+            optimizer.zero_grad(set_to_none=True)
+            _restore(raw, optimizer, good)
+            if accelerator.is_main_process:
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(event) + "\n")
+            bar.write(f"non-finite loss at step {step + 1} (terms {event['terms']}, router layers "
+                      f"{event['router_layers']}); reverted to the last good state and skipped the batch")
+            if failures >= cfg.max_bad_steps:
+                raise DotMoeError(f"{failures} consecutive non-finite steps (last at step {step + 1}, terms "
+                                  f"{', '.join(event['terms'])}); lower the learning rates or check the data. Last "
+                                  f"good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'}")
+            continue
+        failures = 0
         tokens_done += cfg.batch_size * cfg.grad_accum * cfg.seq_len
         record = {"step": step + 1, "tokens": (step + 1) * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
                   "tau": round(raw.assigner.tau, 5), **{k: round(v, 6) for k, v in terms_sum.items()},
@@ -317,6 +392,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", cv=f"{record['load_cv']:.2f}",
                         err=f"{record['marginal_error']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            good = _snapshot(raw, optimizer)
         if accelerator.is_main_process:
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -339,7 +416,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "capacities": caps.tolist(), "intermediate_size": num_neurons, "num_layers": len(moes),
         "mlp_modules": mlp_names,
         "base_model": str(model_path.resolve()), "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
-        "steps": cfg.steps, "wall_seconds": round(time.time() - t0, 1),
+        "steps": cfg.steps, "processes": accelerator.num_processes, "wall_seconds": round(time.time() - t0, 1),
         "final_terms": {k: v for k, v in history[-1].items() if k not in ("step", "tokens")} if history else {},
         "val_ppl": round(final_ppl, 4), "dense_val_ppl": round(dense_ppl, 4),
         "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
