@@ -101,6 +101,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"report: {out}")
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> None:
+    import torch
+
+    from dotmoe.speed import bench_pair, format_rows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DotMoeError("--device cuda but no CUDA device is available")
+    for d in (args.dense, args.moe):
+        if not (Path(d) / "config.json").is_file():
+            raise DotMoeError(f"{d} is not a Hugging Face model directory (no config.json)")
+    try:
+        batches = [int(b) for b in str(args.batch).split(",")]
+    except ValueError as exc:
+        raise DotMoeError(f"--batch takes comma-separated integers, got {args.batch!r}") from exc
+    rows = bench_pair(args.dense, args.moe, batches, args.prompt, args.new_tokens, args.runs,
+                      getattr(torch, args.dtype), args.device, trust_remote_code=args.trust_remote_code)
+    print(f"{args.device}, {torch.get_num_threads()} threads, {args.dtype}, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, median of {args.runs} runs")
+    print(format_rows(rows))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from dotmoe.paths import reference_data_file, reference_model_dir
 
@@ -195,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="needed for the custom dotmoe class")
     p.add_argument("--out", help="report JSON (default MODEL/eval.json); PNG plots are written beside it")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="benchmarks: `dotmoe bench speed`")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("speed", help="prefill/decode tokens/s of dense vs exported MoE")
+    p.add_argument("--dense", required=True)
+    p.add_argument("--moe", required=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="for the custom dotmoe class")
+    p.set_defaults(func=cmd_bench_speed)
     p = sub.add_parser("demo", help="DOT-MoE vs random split on the bundled reference model")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--tokens", type=int, default=500_000)

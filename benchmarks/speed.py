@@ -1,0 +1,121 @@
+"""Inference speed of dense vs exported MoE (E=8, k=2) on the reference model and synthetic FFN-dominant shapes.
+
+    python benchmarks/speed.py [--sizes ref 100m 0.5b 1.5b] [--batches 1 8] [--prompt 128] [--new-tokens 32]
+                               [--runs 5] [--dtype bfloat16] [--device cpu] [--out benchmarks/results/speed.md]
+
+Synthetic shapes are random-weight Llama models (Llama-2-like MHA, intermediate = 4 x hidden, so the FFN is
+~2/3 of the weights, as in real LLMs) converted with a random balanced partition and random router: speed does
+not depend on what the experts learned. `ref` is the bundled reference model with its DOT-MoE export (out/demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dotmoe.speed import bench_pair, format_rows
+
+SHAPES = {  # name: (hidden, intermediate, layers, heads)
+    "100m": (768, 3072, 12, 12),
+    "0.5b": (1280, 5120, 22, 20),
+    "1.5b": (2048, 8192, 24, 16),
+}
+
+
+def synthetic_pair(name: str, root: Path, experts: int, top_k: int) -> tuple[Path, Path]:
+    """Save a random dense Llama of the named shape and its MoE export (random balanced partition)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dotmoe.artifacts import save_conversion
+    from dotmoe.export import export
+    from dotmoe.paths import reference_model_dir
+
+    hidden, inter, layers, heads = SHAPES[name]
+    dense_dir = root / f"dense-{name}"
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+                      tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(dense_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(reference_model_dir() / f, dense_dir / f)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    g = torch.Generator().manual_seed(0)
+    partition = torch.stack([torch.randperm(inter, generator=g) % experts for _ in range(layers)])
+    routers = [torch.randn(experts, hidden, generator=g) for _ in range(layers)]
+    conv = root / f"conv-{name}"
+    conv.mkdir()
+    save_conversion(conv, partition, routers, None, {
+        "method": "random", "experts": experts, "top_k": top_k, "shared": 0, "gating": "softmax",
+        "capacities": [inter // experts] * experts, "intermediate_size": inter, "num_layers": layers,
+        "mlp_modules": [f"model.layers.{i}.mlp" for i in range(layers)], "base_model": str(dense_dir),
+        "val_ppl": None, "dense_val_ppl": None, "config": {}})
+    moe_dir = root / f"moe-{name}"
+    export(conv, moe_dir, check_tokens=0, progress=False)
+    print(f"{name}: {params / 1e6:.0f}M params dense", flush=True)
+    return dense_dir, moe_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["ref", "100m", "0.5b", "1.5b"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ref-moe", default="out/demo/dotmoe/model", help="exported MoE of the reference model")
+    parser.add_argument("--out", default="benchmarks/results/speed.md")
+    args = parser.parse_args()
+    import transformers
+
+    from dotmoe.paths import reference_model_dir
+
+    dtype = getattr(torch, args.dtype)
+    sections, all_rows = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            if size == "ref":
+                if not Path(args.ref_moe, "config.json").is_file():
+                    print(f"skipping ref: no export at {args.ref_moe} (run `dotmoe demo` first)")
+                    continue
+                dense_dir, moe_dir = reference_model_dir(), Path(args.ref_moe)
+            else:
+                dense_dir, moe_dir = synthetic_pair(size, Path(tmp), 8, 2)
+            rows = bench_pair(str(dense_dir), str(moe_dir), args.batches, args.prompt, args.new_tokens, args.runs,
+                              dtype, args.device)
+            all_rows[size] = rows
+            sections.append(format_rows(rows, size))
+            print(sections[-1], flush=True)
+            if size != "ref":
+                shutil.rmtree(dense_dir)
+                shutil.rmtree(moe_dir)
+    impls = "\n".join(
+        f"- {size} batch {r['batch']}: " + ", ".join(f"{i} {v['decode']:.1f} decode / {v['prefill']:.0f} prefill tok/s"
+                                                  for i, v in r["all_impls"].items())
+        for size, rows in all_rows.items() for r in rows)
+    header = [f"`python benchmarks/speed.py --sizes {' '.join(args.sizes)} --batches "
+              f"{' '.join(map(str, args.batches))} --prompt {args.prompt} --new-tokens {args.new_tokens} --runs "
+              f"{args.runs} --dtype {args.dtype} --device {args.device}`",
+              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}, transformers {transformers.__version__}. E=8, k=2 (25% of FFN neurons active). "
+              "Median of the timed runs after one warm-up; MoE = the fastest transformers experts implementation.", ""]
+    text = "\n".join(header + ["\n\n".join(sections), "", "All MoE experts implementations:", impls])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps(all_rows, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
