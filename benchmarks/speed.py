@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dotmoe.speed import bench_pair, format_rows
+from dotmoe.speed import EXPERT_IMPLEMENTATIONS, bench_pair, format_rows
 
 SHAPES = {  # name: (hidden, intermediate, layers, heads)
     "100m": (768, 3072, 12, 12),
@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ref-moe", default="out/demo/dotmoe/model", help="exported MoE of the reference model")
+    parser.add_argument("--impls", nargs="+", default=list(EXPERT_IMPLEMENTATIONS),
+                        help="transformers experts implementations to try for the MoE")
+    parser.add_argument("--keep", help="keep the synthetic dense/MoE checkpoints in this directory (for llama.cpp)")
     parser.add_argument("--out", default="benchmarks/results/speed.md")
     args = parser.parse_args()
     import transformers
@@ -84,6 +87,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     sections, all_rows = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
             if size == "ref":
                 if not Path(args.ref_moe, "config.json").is_file():
@@ -91,13 +96,17 @@ def main() -> None:
                     continue
                 dense_dir, moe_dir = reference_model_dir(), Path(args.ref_moe)
             else:
-                dense_dir, moe_dir = synthetic_pair(size, Path(tmp), 8, 2)
+                dense_dir, moe_dir = Path(root, f"dense-{size}"), Path(root, f"moe-{size}")
+                if not (moe_dir / "config.json").is_file():
+                    shutil.rmtree(dense_dir, ignore_errors=True)
+                    shutil.rmtree(Path(root, f"conv-{size}"), ignore_errors=True)
+                    dense_dir, moe_dir = synthetic_pair(size, root, 8, 2)
             rows = bench_pair(str(dense_dir), str(moe_dir), args.batches, args.prompt, args.new_tokens, args.runs,
-                              dtype, args.device)
+                              dtype, args.device, tuple(args.impls))
             all_rows[size] = rows
             sections.append(format_rows(rows, size))
             print(sections[-1], flush=True)
-            if size != "ref":
+            if size != "ref" and not args.keep:
                 shutil.rmtree(dense_dir)
                 shutil.rmtree(moe_dir)
     impls = "\n".join(
@@ -106,7 +115,7 @@ def main() -> None:
         for size, rows in all_rows.items() for r in rows)
     header = [f"`python benchmarks/speed.py --sizes {' '.join(args.sizes)} --batches "
               f"{' '.join(map(str, args.batches))} --prompt {args.prompt} --new-tokens {args.new_tokens} --runs "
-              f"{args.runs} --dtype {args.dtype} --device {args.device}`",
+              f"{args.runs} --dtype {args.dtype} --device {args.device} --impls {' '.join(args.impls)}`",
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
               f"{torch.__version__}, transformers {transformers.__version__}. E=8, k=2 (25% of FFN neurons active). "
               "Median of the timed runs after one warm-up; MoE = the fastest transformers experts implementation.", ""]
