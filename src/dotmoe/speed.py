@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-EXPERT_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+EXPERT_IMPLEMENTATIONS = ("grouped_mm", "dotmoe_gather", "eager", "batched_mm")
 
 
 @dataclass
@@ -89,6 +89,8 @@ def _dtype_size(name: str) -> int:
 def load(model_dir: str | Path, dtype: torch.dtype, device: str, experts_implementation: str | None = None,
          trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
+
+    import dotmoe.fast_experts  # noqa: F401  registers "dotmoe_gather"
 
     kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,

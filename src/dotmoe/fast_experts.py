@@ -1,0 +1,53 @@
+"""A decode-friendly experts kernel for stock transformers MoE classes: `experts_implementation="dotmoe_gather"`.
+
+    import dotmoe.fast_experts  # registers it
+    AutoModelForCausalLM.from_pretrained(path, experts_implementation="dotmoe_gather")
+
+Experts are contiguous weight blocks, so running the k experts a token selected needs no routing machinery:
+group the few (token, slot) pairs by expert and run each selected expert's gate/up and down projections on
+views of its weights (no copies, no padding to all E experts). Used when the step has at most
+`SMALL_STEP_PAIRS` token-expert pairs (decoding); larger steps (prefill) go to transformers' `grouped_mm`.
+Registered through transformers' own `ExpertsInterface`, so it works with the stock Mixtral / Qwen-MoE classes
+(and the custom dotmoe class) without remote code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, grouped_mm_experts_forward
+
+NAME = "dotmoe_gather"
+SMALL_STEP_PAIRS = 64
+
+
+def gather_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """hidden_states [S, d], top_k_index / top_k_weights [S, k] -> [S, d] (sum of weighted expert outputs)."""
+    if top_k_index.numel() > SMALL_STEP_PAIRS or self.has_bias or not self.has_gate:
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    out = torch.zeros_like(hidden_states)
+    slots: dict[int, list[tuple[int, int]]] = {}
+    for token, row in enumerate(top_k_index.tolist()):  # a handful of pairs: one host sync, no kernels
+        for slot, expert in enumerate(row):
+            if 0 <= expert < self.num_experts:
+                slots.setdefault(expert, []).append((token, slot))
+    for expert, pairs in slots.items():
+        tokens = torch.tensor([t for t, _ in pairs], device=hidden_states.device)
+        weights = top_k_weights[tokens, torch.tensor([s for _, s in pairs], device=hidden_states.device)]
+        gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
+        if self.is_transposed:  # [d, 2I] / [I, d] layouts
+            gate_up, down = gate_up.t(), down.t()
+        h = self._apply_gate(F.linear(hidden_states[tokens], gate_up))
+        y = F.linear(h, down) * weights.unsqueeze(-1).to(h.dtype)
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+def register() -> None:
+    """Make `experts_implementation="dotmoe_gather"` available to every transformers MoE model."""
+    ExpertsInterface.register(NAME, gather_experts_forward)
+
+
+register()
+assert NAME in ALL_EXPERTS_FUNCTIONS
