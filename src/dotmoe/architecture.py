@@ -29,14 +29,8 @@ def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load model + tokenizer from a local HF directory with one-line errors for bad input.
-
-    Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
-    """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_dir(path: str | Path) -> Path:
+    """A local HF model directory with a valid config.json and safetensors weights, or a one-line error."""
     path = Path(path)
     if not path.is_dir():
         raise DotMoeError(f"model directory not found: {path}")
@@ -49,6 +43,18 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
         raise DotMoeError(f"{config_file} is not valid JSON: {exc}") from exc
     if not any(path.glob("*.safetensors")):
         raise DotMoeError(f"{path} has no .safetensors weights (pickled .bin weights are refused for safety)")
+    return path
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load model + tokenizer from a local HF directory with one-line errors for bad input.
+
+    Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)

@@ -18,7 +18,10 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", nargs="+", help="held-out text for perplexity (default: bundled validation)")
     p.add_argument("--out", help="output directory (default: out/dotmoe)")
     p.add_argument("--config", help="YAML config; CLI flags override it")
-    p.add_argument("--method", help="dotmoe | random | sequential | weight-kmeans")
+    p.add_argument("--method", help="dotmoe | random | sequential | weight-kmeans | activation | "
+                   "hidden-kmeans-router | prune")
+    p.add_argument("--mode", help="joint (default: end-to-end KL) | layerwise (one layer at a time, low memory)")
+    p.add_argument("--layer-steps", type=int, help="layerwise: optimizer steps per layer (default 100)")
     p.add_argument("--experts", type=int)
     p.add_argument("--top-k", type=int)
     p.add_argument("--shared", type=int, help="always-on shared expert size in neurons (0 = none)")
@@ -55,8 +58,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # distributed run: the main process reports
         return
     s = result.summary
-    print(f"{s['method']}: E={s['experts']} k={s['top_k']} tokens={s['train_tokens']} "
-          f"val PPL {s['val_ppl']:.3f} (dense {s['dense_val_ppl']:.3f}, ratio {s['ppl_ratio']:.3f}) -> {result.out_dir}")
+    if s.get("mode") == "layerwise":
+        errors = " ".join(f"{e['final_error']:.3f}" for e in s["layer_errors"])
+        print(f"{s['method']} (layerwise): E={s['experts']} k={s['top_k']}; per-layer FFN relative error on the "
+              f"calibration tokens: {errors} -> {result.out_dir}")
+    else:
+        print(f"{s['method']}: E={s['experts']} k={s['top_k']} tokens={s['train_tokens']} val PPL {s['val_ppl']:.3f} "
+              f"(dense {s['dense_val_ppl']:.3f}, ratio {s['ppl_ratio']:.3f}) -> {result.out_dir}")
     if "export" in s:
         _print_export(s["export"])
 

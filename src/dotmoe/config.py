@@ -26,6 +26,8 @@ class ConvertConfig:
     data: list[str] = field(default_factory=list)
     out: str = "out/dotmoe"
     method: str = "dotmoe"
+    mode: str = "joint"  # joint (end-to-end KL) | layerwise (one layer at a time, low memory)
+    layer_steps: int = 100  # layerwise: optimizer steps per layer
     experts: int = 8
     top_k: int = 2
     shared: int = 0
@@ -71,6 +73,9 @@ class ConvertConfig:
                 raise DotMoeError(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
 
         choose("method", METHODS)
+        choose("mode", ("joint", "layerwise"))
+        if self.mode == "layerwise" and self.method == "prune":
+            raise DotMoeError("--method prune has no layer-wise mode (it needs no training)")
         choose("gating", GATING_MODES)
         choose("trainable", TRAINABLE)
         choose("init_affinity", AFFINITY_INITS)
@@ -88,7 +93,7 @@ class ConvertConfig:
         if self.tokens < 0:
             raise DotMoeError(f"tokens must be >= 0 (0 = training-free), got {self.tokens}")
         for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",
-                     "calib_tokens", "eval_tokens", "checkpoint_every", "log_every", "max_bad_steps"):
+                     "calib_tokens", "eval_tokens", "checkpoint_every", "log_every", "max_bad_steps", "layer_steps"):
             if getattr(self, name) < 1:
                 raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if min(self.tau_start, self.tau_end, self.kl_temperature) <= 0:

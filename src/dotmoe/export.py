@@ -43,7 +43,7 @@ class ExportResult:
     parity: dict = field(default_factory=dict)
 
 
-class _TensorSource:
+class TensorSource:
     """Lazy access to the dense checkpoint's tensors (sharded or not), trained weights taking precedence."""
 
     def __init__(self, model_dir: Path, trained: Path | None):
@@ -122,7 +122,7 @@ def _expert_tensors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ne
     return g, u, d
 
 
-def _moe_tensors(conv: Conversion, plan: ExportPlan, layer: int, prefix: str, src: _TensorSource,
+def _moe_tensors(conv: Conversion, plan: ExportPlan, layer: int, prefix: str, src: TensorSource,
                  expert_size: int) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(name, tensor, is_routed_expert) of one layer's MoE block."""
     meta = conv.meta
@@ -189,7 +189,7 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DotMoeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     trained = convert_dir / TRAINED_WEIGHTS_FILE
-    src = _TensorSource(base_dir, trained if trained.is_file() else None)
+    src = TensorSource(base_dir, trained if trained.is_file() else None)
     out_dtype_name = (dense.get("dtype") or dense.get("torch_dtype") or "float32") if dtype == "auto" else dtype
     if out_dtype_name not in DTYPES:
         raise DotMoeError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {out_dtype_name!r}")

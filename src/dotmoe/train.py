@@ -250,6 +250,10 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     """Run the DOT-MoE conversion (or a baseline) and write partition + router + metadata to cfg.out."""
     from transformers import get_cosine_schedule_with_warmup
 
+    if cfg.mode == "layerwise":
+        from dotmoe.layerwise import convert_layerwise
+
+        return convert_layerwise(cfg, progress)
     accelerator = _accelerator(cfg)
     _seed_everything(cfg.seed)
     prep = prepare(cfg)

@@ -1,0 +1,182 @@
+"""`--mode layerwise`: convert one decoder layer at a time against cached dense inputs/outputs (low memory).
+
+Only the embedding, one decoder layer and the calibration activations are in memory at any time: the model is
+built on the meta device and each layer's weights are streamed from the safetensors files, run densely on the
+cached hidden states (giving the layer's FFN inputs X and outputs Y, and the next layer's inputs), converted,
+and dropped. Each layer's objective is output-aware: the relative error ||MoE(X) - Y||^2 / ||Y||^2 of the
+MoE-ified FFN on its own dense inputs (+ router z-loss and load balancing), with the same OT assignment,
+straight-through estimator and router as the joint mode. The joint KL phase can follow (`convert` from the
+exported model is not needed: the layer-wise result is a normal conversion output that `export` reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dotmoe.architecture import check_model_dir, find_gated_mlps
+from dotmoe.artifacts import save_conversion
+from dotmoe.assignment import NeuronAssigner
+from dotmoe.config import ConvertConfig
+from dotmoe.data import load_texts, pack_sequences, tokenize_stream
+from dotmoe.errors import DotMoeError
+from dotmoe.export import TensorSource
+from dotmoe.losses import load_balancing_loss, router_z_loss
+from dotmoe.moe_mlp import MoeMLP
+from dotmoe.sinkhorn import capacities
+
+
+def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> None:
+    """Give a meta-device module real fp32 weights read from the checkpoint (names under `prefix`)."""
+    module.to_empty(device="cpu").float()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(src.get(f"{prefix}.{name}").float())
+
+
+def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, caps: torch.Tensor,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """OT assignment + router for one FFN on its dense inputs x [T, d] and outputs y [T, d]."""
+    from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
+    from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
+    from dotmoe.train import lstsq_router
+
+    gen = torch.Generator().manual_seed(seed)
+    kind = cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
+    router_init = None
+    if kind == "random":
+        part = random_partition(caps, gen)
+    elif kind == "sequential":
+        part = sequential_partition(caps)
+    elif kind in ("activation", "hidden-kmeans-router"):
+        method = activation_partition if kind == "activation" else hidden_kmeans_partition
+        part, router_init = method(mlp, x, caps, cfg.shared, gen)
+    else:
+        part = weight_kmeans_partition(mlp.gate_proj.weight, mlp.up_proj.weight, caps, gen)
+    moe = MoeMLP(mlp, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0)
+    with torch.no_grad():
+        moe.router.weight.copy_(router_init if router_init is not None else
+                                lstsq_router(mlp, x, part, cfg.experts) if cfg.init_router == "lstsq" else
+                                moe.router.weight)
+    affinity = cfg.init_scale * torch.nn.functional.one_hot(part, len(caps)).float().unsqueeze(0)
+    assigner = NeuronAssigner(affinity, caps, learn=cfg.method == "dotmoe")
+    assigner.iters = cfg.sinkhorn_iters
+    groups = [{"params": [moe.router.weight], "lr": cfg.lr_router}]
+    if assigner.learn:
+        groups.append({"params": [assigner.affinity], "lr": cfg.lr_affinity})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    batch = cfg.batch_size * cfg.seq_len
+    steps = cfg.layer_steps if cfg.tokens else 0
+    first = last = None
+    for step in range(steps):
+        assigner.tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, steps - 1))
+        idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
+        matrices, _ = assigner.refresh()
+        moe.assignment = matrices[0]
+        err = (moe(x[idx]) - y[idx]).pow(2).sum() / y[idx].pow(2).sum()
+        loss = err + cfg.z_weight * router_z_loss([moe.last_router]) + cfg.lb_weight * load_balancing_loss([moe.last_router])
+        if not torch.isfinite(loss):
+            raise DotMoeError(f"non-finite layer-wise loss at step {step}")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = float(err.detach())
+        first = last if first is None else first
+    assigner.tau = cfg.tau_end
+    with torch.no_grad():
+        matrices, stats = assigner.refresh()
+        moe.assignment = matrices[0]
+        final = float((moe(x) - y).pow(2).sum() / y.pow(2).sum())
+    return stats.hard[0], moe.router.weight.detach().clone(), {"first_batch_error": first, "last_batch_error": last,
+                                                             "final_error": final}
+
+
+def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
+    """Layer-wise conversion (see module doc); writes the same outputs as `convert` and exports."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dotmoe.paths import reference_data_file, reference_model_dir
+    from dotmoe.train import ConvertResult, preflight
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    model_path = Path(cfg.model or reference_model_dir())
+    texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
+    check_model_dir(model_path)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    config._attn_implementation = "sdpa"  # causal masking without a mask tensor
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    named = find_gated_mlps(skeleton)
+    num_neurons = named[0][1].gate_proj.out_features
+    cfg.validate_for(num_neurons)
+    if len(tokenizer) > config.vocab_size:
+        raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
+    calib = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
+    calib = calib[: max(1, cfg.calib_tokens // cfg.seq_len)]
+    out = Path(cfg.out)
+    preflight(out, cfg, skeleton)
+    src = TensorSource(model_path, None)
+
+    embed = skeleton.get_input_embeddings()
+    embed_name = next(n for n, p in skeleton.named_parameters() if p is embed.weight)
+    _materialize(embed, embed_name.rsplit(".", 1)[0], src)
+    with torch.no_grad():
+        hidden = embed(calib).float()
+    embed.to("meta")
+    decoder = skeleton.get_decoder()
+    rotary = type(decoder.rotary_emb)(config=config)
+    positions = torch.arange(cfg.seq_len).unsqueeze(0)
+    cos_sin = rotary(hidden, positions)
+    routed = capacities(num_neurons - cfg.shared, cfg.experts, cfg.capacities)
+    caps = torch.tensor(routed + ([cfg.shared] if cfg.shared else []))
+
+    partitions, routers, layer_stats = [], [], []
+    for i, (mlp_name, mlp) in enumerate(tqdm(named, desc="layerwise", unit="layer", disable=not progress)):
+        layer_name = mlp_name.rsplit(".", 1)[0]
+        layer = skeleton.get_submodule(layer_name)
+        _materialize(layer, layer_name, src)
+        xs, ys = [], []
+        hooks = [mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))),
+                 mlp.register_forward_hook(lambda m, a, o: ys.append(o.reshape(-1, o.shape[-1])))]
+        with torch.no_grad():
+            hidden = torch.cat([layer(h, position_embeddings=cos_sin, position_ids=positions)
+                                for h in hidden.split(8)])
+        for h in hooks:
+            h.remove()
+        mlp.requires_grad_(False)
+        part, router, stats = _train_layer(cfg, mlp, torch.cat(xs), torch.cat(ys), caps, cfg.seed + i)
+        partitions.append(part)
+        routers.append(router)
+        layer_stats.append(stats)
+        layer.to("meta")  # drop this layer's weights
+
+    partition = torch.stack(partitions)
+    summary = {
+        "method": cfg.method, "mode": "layerwise", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared,
+        "gating": cfg.gating, "capacities": caps.tolist(), "intermediate_size": num_neurons,
+        "num_layers": len(named), "mlp_modules": [n for n, _ in named], "base_model": str(model_path.resolve()),
+        "train_tokens": len(named) * (cfg.layer_steps if cfg.tokens else 0) * cfg.batch_size * cfg.seq_len,
+        "calibration_tokens": calib.numel(), "steps": cfg.layer_steps, "processes": 1,
+        "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "layer_errors": layer_stats,
+        "val_ppl": None, "dense_val_ppl": None, "config": cfg.to_dict(),
+    }
+    save_conversion(out, partition, routers, None, summary)
+    if cfg.export_format != "none":
+        from dotmoe.export import export
+
+        exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, check_tokens=0,
+                          progress=progress)
+        summary["export"] = {"dir": str(exported.out_dir), "architecture": exported.plan.architecture,
+                             "exact": exported.plan.exact, **exported.params, "parity": {}}
+        tmp = out / "dotmoe_meta.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "dotmoe_meta.json")
+    return ConvertResult(out_dir=out, partition=partition, summary=summary)
