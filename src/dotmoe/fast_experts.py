@@ -26,6 +26,15 @@ def gather_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     """hidden_states [S, d], top_k_index / top_k_weights [S, k] -> [S, d] (sum of weighted expert outputs)."""
     if top_k_index.numel() > SMALL_STEP_PAIRS or self.has_bias or not self.has_gate:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if hidden_states.shape[0] == 1:  # batch-1 decoding: k matrix-vector products on weight views, nothing else
+        out = None
+        for slot, expert in enumerate(top_k_index[0].tolist()):
+            gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
+            if self.is_transposed:
+                gate_up, down = gate_up.t(), down.t()
+            y = F.linear(self._apply_gate(F.linear(hidden_states, gate_up)), down) * top_k_weights[0, slot]
+            out = y if out is None else out + y
+        return out.to(hidden_states.dtype)
     out = torch.zeros_like(hidden_states)
     slots: dict[int, list[tuple[int, int]]] = {}
     for token, row in enumerate(top_k_index.tolist()):  # a handful of pairs: one host sync, no kernels
