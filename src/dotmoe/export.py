@@ -67,6 +67,10 @@ class TensorSource:
             self._open[f] = safe_open(str(f), framework="pt")
         return self._open[f].get_tensor(name)
 
+    def release(self) -> None:
+        """Close the files (unmapping the pages read so far, which otherwise stay resident)."""
+        self._open.clear()
+
 
 class _ShardWriter:
     """Accumulates tensors and flushes safetensors shards of at most `max_bytes` (plus the index)."""

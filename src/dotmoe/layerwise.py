@@ -128,6 +128,7 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     embed = skeleton.get_input_embeddings()
     embed_name = next(n for n, p in skeleton.named_parameters() if p is embed.weight)
     _materialize(embed, embed_name.rsplit(".", 1)[0], src)
+    src.release()
     with torch.no_grad():
         hidden = embed(calib).float()
     embed.to("meta")
@@ -143,6 +144,7 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
         layer_name = mlp_name.rsplit(".", 1)[0]
         layer = skeleton.get_submodule(layer_name)
         _materialize(layer, layer_name, src)
+        src.release()  # keep only this layer's weights resident, not the checkpoint's mapped pages
         xs, ys = [], []
         hooks = [mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))),
                  mlp.register_forward_hook(lambda m, a, o: ys.append(o.reshape(-1, o.shape[-1])))]
