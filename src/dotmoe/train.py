@@ -170,9 +170,9 @@ def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> bool:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".dotmoe-write-test"
+        probe = out / f".dotmoe-write-test-{os.getpid()}"  # per process: distributed ranks check at once
         probe.write_bytes(b"0")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -324,11 +324,11 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
-        if log_path.exists():  # drop records of steps after the checkpoint (they are redone)
+        if accelerator.is_main_process and log_path.exists():  # drop the records of steps that are redone
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
             log_path.write_text("".join(line + "\n" for line in kept))
-    elif log_path.exists():
-        log_path.unlink()
+    elif accelerator.is_main_process:
+        log_path.unlink(missing_ok=True)
 
     def tau_at(step: int) -> float:
         frac = step / max(1, cfg.steps - 1)
