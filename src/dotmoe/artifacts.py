@@ -24,9 +24,14 @@ def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tens
     tmp = out / (ASSIGNMENT_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "dotmoe-assignment-v1"})
     os.replace(tmp, out / ASSIGNMENT_FILE)
-    tmp_meta = out / (META_FILE + ".tmp")
-    tmp_meta.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp_meta, out / META_FILE)
+    write_meta(out, summary)
+
+
+def write_meta(out: Path, summary: dict) -> None:
+    """Write (or rewrite) dotmoe_meta.json atomically."""
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / META_FILE)
 
 
 def save_trained_weights(out: Path, model) -> None:

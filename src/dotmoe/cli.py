@@ -84,8 +84,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                check_tokens=args.check_tokens, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     if r.plan.note:
         print(f"note: {r.plan.note}")
-    _print_export({"dir": str(r.out_dir), "architecture": r.plan.architecture, "exact": r.plan.exact, **r.params,
-                   "parity": r.parity})
+    _print_export(r.summary())
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

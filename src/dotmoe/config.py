@@ -109,6 +109,17 @@ class ConvertConfig:
             return 0
         return max(1, self.tokens // (self.batch_size * self.grad_accum * self.seq_len))
 
+    def tau_at(self, step: int, steps: int) -> float:
+        """Sinkhorn temperature at `step` of `steps`: geometric from tau_start to tau_end."""
+        return self.tau_start * (self.tau_end / self.tau_start) ** (step / max(1, steps - 1))
+
+    def column_capacities(self, num_neurons: int) -> list[int]:
+        """OT column sizes: the routed experts' capacities, then the shared expert's (when there is one)."""
+        from dotmoe.sinkhorn import capacities
+
+        routed = capacities(num_neurons - self.shared, self.experts, self.capacities)
+        return routed + ([self.shared] if self.shared else [])
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -42,6 +42,11 @@ class ExportResult:
     params: dict[str, int]
     parity: dict = field(default_factory=dict)
 
+    def summary(self) -> dict:
+        """The JSON-able record kept in a conversion's metadata and printed by the CLI."""
+        return {"dir": str(self.out_dir), "architecture": self.plan.architecture, "exact": self.plan.exact,
+                **self.params, "parity": self.parity}
+
 
 class TensorSource:
     """Lazy access to the dense checkpoint's tensors (sharded or not), trained weights taking precedence."""

@@ -11,8 +11,6 @@ exported model is not needed: the layer-wise result is a normal conversion outpu
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from dotmoe.errors import DotMoeError
 from dotmoe.export import TensorSource
 from dotmoe.losses import load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP
-from dotmoe.sinkhorn import capacities
 
 
 def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> None:
@@ -42,27 +39,16 @@ def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> Non
 def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, caps: torch.Tensor,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """OT assignment + router for one FFN on its dense inputs x [T, d] and outputs y [T, d]."""
-    from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
-    from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
-    from dotmoe.train import lstsq_router
+    from dotmoe.train import layer_partition, lstsq_router, partition_kind
 
     gen = torch.Generator().manual_seed(seed)
-    kind = cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
-    router_init = None
-    if kind == "random":
-        part = random_partition(caps, gen)
-    elif kind == "sequential":
-        part = sequential_partition(caps)
-    elif kind in ("activation", "hidden-kmeans-router"):
-        method = activation_partition if kind == "activation" else hidden_kmeans_partition
-        part, router_init = method(mlp, x, caps, cfg.shared, gen)
-    else:
-        part = weight_kmeans_partition(mlp.gate_proj.weight, mlp.up_proj.weight, caps, gen)
+    part, router_init = layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen)
     moe = MoeMLP(mlp, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0)
     with torch.no_grad():
-        moe.router.weight.copy_(router_init if router_init is not None else
-                                lstsq_router(mlp, x, part, cfg.experts) if cfg.init_router == "lstsq" else
-                                moe.router.weight)
+        if router_init is not None:  # the baseline's own router
+            moe.router.weight.copy_(router_init)
+        elif cfg.init_router == "lstsq":
+            moe.router.weight.copy_(lstsq_router(mlp, x, part, cfg.experts))
     affinity = cfg.init_scale * torch.nn.functional.one_hot(part, len(caps)).float().unsqueeze(0)
     assigner = NeuronAssigner(affinity, caps, learn=cfg.method == "dotmoe")
     assigner.iters = cfg.sinkhorn_iters
@@ -74,7 +60,7 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
     steps = cfg.layer_steps if cfg.tokens else 0
     first = last = None
     for step in range(steps):
-        assigner.tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, steps - 1))
+        assigner.tau = cfg.tau_at(step, steps)
         idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         matrices, _ = assigner.refresh()
         moe.assignment = matrices[0]
@@ -101,7 +87,7 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from dotmoe.paths import reference_data_file, reference_model_dir
-    from dotmoe.train import ConvertResult, preflight
+    from dotmoe.train import ConvertResult, calibration_sequences, export_and_record, preflight
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -119,8 +105,7 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     if len(tokenizer) > config.vocab_size:
         raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
     seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
-    calib = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
-    calib = calib[: max(1, cfg.calib_tokens // cfg.seq_len)]
+    calib = calibration_sequences(seqs, cfg)
     out = Path(cfg.out)
     preflight(out, cfg, skeleton)
     src = TensorSource(model_path, None)
@@ -136,8 +121,7 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     rotary = type(decoder.rotary_emb)(config=config)
     positions = torch.arange(cfg.seq_len).unsqueeze(0)
     cos_sin = rotary(hidden, positions)
-    routed = capacities(num_neurons - cfg.shared, cfg.experts, cfg.capacities)
-    caps = torch.tensor(routed + ([cfg.shared] if cfg.shared else []))
+    caps = torch.tensor(cfg.column_capacities(num_neurons))
 
     partitions, routers, layer_stats = [], [], []
     for i, (mlp_name, mlp) in enumerate(tqdm(named, desc="layerwise", unit="layer", disable=not progress)):
@@ -171,14 +155,6 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
         "val_ppl": None, "dense_val_ppl": None, "config": cfg.to_dict(),
     }
     save_conversion(out, partition, routers, None, summary)
-    if cfg.export_format != "none":
-        from dotmoe.export import export
-
-        exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, check_tokens=0,
-                          progress=progress)
-        summary["export"] = {"dir": str(exported.out_dir), "architecture": exported.plan.architecture,
-                             "exact": exported.plan.exact, **exported.params, "parity": {}}
-        tmp = out / "dotmoe_meta.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, out / "dotmoe_meta.json")
+    # no parity check here: it would load the whole model, which this mode exists to avoid
+    export_and_record(out, cfg, summary, progress, check_tokens=0)
     return ConvertResult(out_dir=out, partition=partition, summary=summary)

@@ -7,14 +7,12 @@ output is a plain dense checkpoint of the same class with a smaller `intermediat
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import torch
 from torch import nn
 
-from dotmoe.artifacts import META_FILE
+from dotmoe.artifacts import write_meta
 from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
 from dotmoe.perplexity import perplexity
@@ -78,7 +76,5 @@ def prune_convert(cfg: ConvertConfig, prep):
                    "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,
                    "parity": {}},
     }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / META_FILE)
+    write_meta(out, summary)
     return ConvertResult(out_dir=out, partition=torch.stack(kept), summary=summary)

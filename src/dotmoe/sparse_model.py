@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from dotmoe.architecture import load_causal_lm
 from dotmoe.artifacts import TRAINED_WEIGHTS_FILE, Conversion, load_conversion
 from dotmoe.moe_mlp import install_moe
+from dotmoe.rounding import one_hot_assignment
 
 
 def load_sparse_model(convert_dir: str | Path, dtype: torch.dtype = torch.float32, round_to: torch.dtype | None = None):
@@ -43,7 +44,7 @@ def apply_conversion(moes, conv: Conversion, router_dtype: torch.dtype | None = 
     """Give each MoeMLP its hard one-hot assignment and trained router."""
     num_columns = len(conv.meta["capacities"])
     for layer, moe in enumerate(moes):
-        moe.assignment = torch.nn.functional.one_hot(conv.partition[layer], num_columns).float()
+        moe.assignment = one_hot_assignment(conv.partition[layer], num_columns)
         weight = conv.routers[layer]
         if router_dtype is not None:
             weight = weight.to(router_dtype)

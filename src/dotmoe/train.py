@@ -28,7 +28,6 @@ from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_lo
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
-from dotmoe.sinkhorn import capacities
 
 
 class MoeTrainingModule(nn.Module):
@@ -109,27 +108,56 @@ def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_e
     return w.t().contiguous()
 
 
-def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Tensor,
-                       mlp_inputs: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Starting partition [L, N] per layer (for baselines: the final one; shared column = last expert id), and
-    the method's own analytic routers when it has them (activation, hidden-kmeans-router)."""
+def layer_partition(kind: str, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor, shared: int,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's starting partition [N] (shared column = last expert id) for a partition `kind`, and the
+    method's own analytic router [E, d] when it has one (activation, hidden-kmeans-router)."""
     from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
 
+    if kind == "activation":
+        return activation_partition(mlp, x, caps, shared, gen)
+    if kind == "hidden-kmeans-router":
+        return hidden_kmeans_partition(mlp, x, caps, shared, gen)
+    if kind == "random":
+        return random_partition(caps, gen), None
+    if kind == "sequential":
+        return sequential_partition(caps), None
+    return weight_kmeans_partition(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), caps, gen), None
+
+
+def partition_kind(cfg: ConvertConfig) -> str:
+    """The partition a conversion starts from: the method's own, or for dotmoe its affinity init."""
+    return cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
+
+
+def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Tensor,
+                       mlp_inputs: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Starting partition [L, N] of every layer (for baselines: the final one), and the method's analytic
+    routers when it has them."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    kind = cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
-    if kind in ("activation", "hidden-kmeans-router"):
-        method = activation_partition if kind == "activation" else hidden_kmeans_partition
-        pairs = [method(mlp, x, caps, cfg.shared, gen) for mlp, x in zip(mlps, mlp_inputs)]
-        return torch.stack([p for p, _ in pairs]), [r for _, r in pairs]
-    parts = []
-    for mlp in mlps:
-        if kind == "random":
-            parts.append(random_partition(caps, gen))
-        elif kind == "sequential":
-            parts.append(sequential_partition(caps))
-        else:
-            parts.append(weight_kmeans_partition(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), caps, gen))
-    return torch.stack(parts), None
+    inputs = mlp_inputs or [None] * len(mlps)
+    pairs = [layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen) for mlp, x in zip(mlps, inputs)]
+    routers = [r for _, r in pairs]
+    return torch.stack([p for p, _ in pairs]), None if routers[0] is None else routers
+
+
+def calibration_sequences(seqs: torch.Tensor, cfg: ConvertConfig) -> torch.Tensor:
+    """The `calib_tokens` worth of packed sequences used for calibration (a seeded random subset)."""
+    shuffled = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
+    return shuffled[: max(1, cfg.calib_tokens // cfg.seq_len)]
+
+
+def export_and_record(out: Path, cfg: ConvertConfig, summary: dict, progress: bool, check_tokens: int = 256) -> None:
+    """Export the conversion in `out` to `out/model` (unless export_format is none) and record it in the metadata."""
+    if cfg.export_format == "none":
+        return
+    from dotmoe.artifacts import write_meta
+    from dotmoe.export import export
+
+    exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, check_tokens=check_tokens,
+                      progress=progress)
+    summary["export"] = exported.summary()
+    write_meta(out, summary)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -160,10 +188,10 @@ def _bad_terms(terms: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v).all()] or ["loss"]
 
 
-def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> bool:
+def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> None:
     """Before training: the output directory is writable and its disk has room for checkpoints + export.
 
-    Returns whether `out` was created here (so a failed pre-flight can remove it again).
+    A directory created here is removed again when the check fails, so bad output paths leave nothing.
     """
     import shutil
 
@@ -187,7 +215,6 @@ def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> bool:
             shutil.rmtree(out, ignore_errors=True)
         raise DotMoeError(f"not enough disk space in {out}: about {need / 1024**3:.2f} GiB needed for checkpoints "
                           f"and the export, {free / 1024**3:.2f} GiB free")
-    return created
 
 
 @dataclass
@@ -208,9 +235,7 @@ class Prepared:
 
     def calibration_inputs(self, cfg: ConvertConfig) -> list[torch.Tensor]:
         """Dense MLP inputs on `calib_tokens` tokens of (shuffled) training data."""
-        calib = self.seqs[torch.randperm(len(self.seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
-        calib = calib[: max(1, cfg.calib_tokens // cfg.seq_len)]
-        return collect_mlp_inputs(self.model, self.mlps, calib)
+        return collect_mlp_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg))
 
 
 def prepare(cfg: ConvertConfig) -> Prepared:
@@ -264,8 +289,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     model, model_path, seqs, eval_ids = prep.model, prep.model_path, prep.seqs, prep.eval_ids
     out = Path(cfg.out)
     mlp_names, mlps, num_neurons = prep.mlp_names, prep.mlps, prep.num_neurons
-    routed_caps = capacities(num_neurons - cfg.shared, cfg.experts, cfg.capacities)
-    caps = torch.tensor(routed_caps + ([cfg.shared] if cfg.shared else []))
+    caps = torch.tensor(cfg.column_capacities(num_neurons))
     needs_inputs = cfg.init_router == "lstsq" or cfg.method in ("activation", "hidden-kmeans-router")
     mlp_inputs = prep.calibration_inputs(cfg) if needs_inputs else None
     partitions, analytic_routers = initial_partitions(cfg, mlps, caps, mlp_inputs)
@@ -330,10 +354,6 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     elif accelerator.is_main_process:
         log_path.unlink(missing_ok=True)
 
-    def tau_at(step: int) -> float:
-        frac = step / max(1, cfg.steps - 1)
-        return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac
-
     history, evals = [], []
     dense_ppl = None
     if cfg.eval_every:
@@ -347,7 +367,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     good = _snapshot(raw, optimizer)  # the state a non-finite step reverts to
     failures = 0
     for step in bar:
-        raw.assigner.tau = tau_at(step)
+        raw.assigner.tau = cfg.tau_at(step, cfg.steps)
         terms_sum: dict[str, float] = {}
         finite = True
         for micro in range(cfg.grad_accum):
@@ -433,11 +453,6 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         save_conversion(out, partition, [m.router.weight.detach() for m in raw.moes], raw.model, summary)
         if ckpt_path.exists():
             ckpt_path.unlink()
-        if cfg.export_format != "none":
-            from dotmoe.export import export
-
-            exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, progress=progress)
-            summary["export"] = {"dir": str(exported.out_dir), "architecture": exported.plan.architecture,
-                                 "exact": exported.plan.exact, **exported.params, "parity": exported.parity}
+        export_and_record(out, cfg, summary, progress)
     return ConvertResult(out_dir=out, partition=partition, summary=summary)
 
