@@ -118,7 +118,8 @@ def main() -> None:
               f"{args.runs} --dtype {args.dtype} --device {args.device} --impls {' '.join(args.impls)}`",
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
               f"{torch.__version__}, transformers {transformers.__version__}. E=8, k=2 (25% of FFN neurons active). "
-              "Median of the timed runs after one warm-up; MoE = the fastest transformers experts implementation.", ""]
+              "Dense and MoE stay loaded and are timed alternately (one warm-up round, then the median of the timed rounds); "
+              "MoE = the fastest transformers experts implementation.", ""]
     text = "\n".join(header + ["\n\n".join(sections), "", "All MoE experts implementations:", impls])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")

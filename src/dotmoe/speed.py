@@ -1,6 +1,7 @@
 """`dotmoe bench speed`: prefill and decode throughput of a dense model vs its exported MoE.
 
-Protocol: same dtype and threads for both; one warm-up run, then the median of `runs` timed runs. Prefill =
+Protocol: same dtype and threads for both; both models loaded, one warm-up round, then `runs` rounds in which
+the dense model and the MoE (once per experts implementation) are timed alternately; medians are reported. Prefill =
 one forward over [batch, prompt] tokens. Decode = `new_tokens` single-token forwards with the KV cache after
 that prefill (greedy, no early stop), i.e. what `generate` does without its sampling overhead. The bytes-read
 bound is dense weight bytes / weights a batch-1 decode step must read (non-expert weights + k of E experts):
@@ -28,34 +29,38 @@ class Throughput:
     decode_tok_s: float
 
 
-@torch.no_grad()
-def measure(model, vocab: int, batch: int, prompt: int, new_tokens: int, runs: int = 5) -> Throughput:
-    """Median prefill and decode tokens/s (see module doc)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
-    step_ids = torch.randint(0, vocab, (batch, new_tokens), generator=gen).to(device)
+class Workload:
+    """The fixed random prompt and decode tokens every model is timed on."""
 
-    def sync():
-        if device.type == "cuda":
+    def __init__(self, vocab: int, batch: int, prompt: int, new_tokens: int, device: str | torch.device):
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
+        self.step_ids = torch.randint(0, vocab, (batch, new_tokens), generator=gen).to(device)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def time_once(self, model) -> tuple[float, float]:
+        """(prefill tokens/s, decode tokens/s) of one prefill + `new_tokens` cached decode steps."""
+        batch, prompt = self.ids.shape
+        new_tokens = self.step_ids.shape[1]
+        self._sync()
+        t0 = time.perf_counter()
+        past = model(input_ids=self.ids, use_cache=True).past_key_values
+        self._sync()
+        t1 = time.perf_counter()
+        for i in range(new_tokens):
+            past = model(input_ids=self.step_ids[:, i : i + 1], past_key_values=past, use_cache=True).past_key_values
+        self._sync()
+        t2 = time.perf_counter()
+        return batch * prompt / (t1 - t0), batch * new_tokens / (t2 - t1)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    prefill, decode = [], []
-    for run in range(runs + 1):  # run 0 is the warm-up
-        sync()
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        sync()
-        t1 = time.perf_counter()
-        past = out.past_key_values
-        for i in range(new_tokens):
-            past = model(input_ids=step_ids[:, i : i + 1], past_key_values=past, use_cache=True).past_key_values
-        sync()
-        t2 = time.perf_counter()
-        if run:
-            prefill.append(batch * prompt / (t1 - t0))
-            decode.append(batch * new_tokens / (t2 - t1))
-    return Throughput(statistics.median(prefill), statistics.median(decode))
+
+def _median(times: list[tuple[float, float]]) -> Throughput:
+    return Throughput(statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
 
 
 def weight_bytes(model_dir: str | Path) -> tuple[int, int]:
@@ -101,30 +106,47 @@ def load(model_dir: str | Path, dtype: torch.dtype, device: str, experts_impleme
 def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, new_tokens: int, runs: int,
                dtype: torch.dtype, device: str, implementations: tuple[str, ...] = EXPERT_IMPLEMENTATIONS,
                trust_remote_code: bool = False, log=print) -> list[dict]:
-    """Rows (one per batch size): dense and per-implementation MoE throughput, ratios and the bytes bound."""
+    """Rows (one per batch size): dense and per-implementation MoE throughput, ratios and the bytes bound.
+
+    Both models stay loaded and their timed runs alternate (dense, MoE with each experts implementation, dense,
+    ...), so a slow spell of the machine (another process, frequency changes) hits every variant alike instead of
+    biasing whichever model happened to run during it.
+    """
     dense_bytes, _ = weight_bytes(dense_dir)
-    moe_total, moe_active = weight_bytes(moe_dir)
+    _, moe_active = weight_bytes(moe_dir)
     vocab = json.loads((Path(dense_dir) / "config.json").read_text())["vocab_size"]
     dense = load(dense_dir, dtype, device)
-    dense_tp = {b: measure(dense, vocab, b, prompt, new_tokens, runs) for b in batches}
-    del dense
-    moe_tp: dict[str, dict[int, Throughput]] = {}
+    moe = load(moe_dir, dtype, device, implementations[0], trust_remote_code)
+    impls = []
     for impl in implementations:
         try:
-            moe = load(moe_dir, dtype, device, impl, trust_remote_code)
-            moe_tp[impl] = {b: measure(moe, vocab, b, prompt, new_tokens, runs) for b in batches}
-            del moe
+            moe.set_experts_implementation(impl)
+            impls.append(impl)
         except Exception as exc:  # an implementation the installed torch/transformers lacks
             log(f"experts implementation {impl}: unavailable ({str(exc).splitlines()[0][:120]})")
     rows = []
     for b in batches:
-        best = max(moe_tp, key=lambda i: moe_tp[i][b].decode_tok_s)
-        d, m = dense_tp[b], moe_tp[best][b]
+        work = Workload(vocab, b, prompt, new_tokens, device)
+        dense_t: list[tuple[float, float]] = []
+        moe_t: dict[str, list[tuple[float, float]]] = {i: [] for i in impls}
+        for run in range(runs + 1):  # run 0 is the warm-up
+            t = work.time_once(dense)
+            if run:
+                dense_t.append(t)
+            for impl in impls:
+                moe.set_experts_implementation(impl)
+                t = work.time_once(moe)
+                if run:
+                    moe_t[impl].append(t)
+        d = _median(dense_t)
+        moe_tp = {i: _median(t) for i, t in moe_t.items()}
+        best = max(moe_tp, key=lambda i: moe_tp[i].decode_tok_s)
+        m = moe_tp[best]
         rows.append({"batch": b, "dense_prefill": d.prefill_tok_s, "dense_decode": d.decode_tok_s,
                      "moe_impl": best, "moe_prefill": m.prefill_tok_s, "moe_decode": m.decode_tok_s,
                      "prefill_ratio": m.prefill_tok_s / d.prefill_tok_s, "decode_ratio": m.decode_tok_s / d.decode_tok_s,
                      "bytes_bound": dense_bytes / moe_active,
-                     "all_impls": {i: {"prefill": t[b].prefill_tok_s, "decode": t[b].decode_tok_s}
+                     "all_impls": {i: {"prefill": t.prefill_tok_s, "decode": t.decode_tok_s}
                                    for i, t in moe_tp.items()}})
     return rows
 
