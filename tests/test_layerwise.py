@@ -66,3 +66,26 @@ def test_layerwise_per_layer_inputs_are_the_dense_models(tiny_llama_dir, tiny_te
     assert len(seen) == len(store) == 2
     for (x, y), (x_ref, y_ref) in zip(seen, store):
         assert torch.allclose(x, x_ref, atol=1e-5) and torch.allclose(y, y_ref, atol=1e-5)
+
+
+def test_global_kl_phase_starts_from_the_layerwise_result_and_improves_it(tiny_llama_dir, tiny_text, tmp_path):
+    import pytest
+
+    from dotmoe.artifacts import load_conversion
+    from dotmoe.errors import DotMoeError
+
+    common = dict(layer_steps=10, eval_tokens=512, export_format="none")
+    glob = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "g", global_tokens=2560, **common), progress=False)
+    layerwise = load_conversion(tmp_path / "g" / "layerwise")
+    assert layerwise.meta["mode"] == "layerwise" and glob.summary["steps"] == 20
+    assert glob.summary["config"]["init_from"] == str(tmp_path / "g" / "layerwise")
+    # the same start, not trained (tokens=0): exactly the layer-wise partition and routers, and its perplexity
+    start = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "s", mode="joint", tokens=0,
+                         init_from=str(tmp_path / "g" / "layerwise"), **common), progress=False)
+    started = load_conversion(tmp_path / "s")
+    assert torch.equal(started.partition, layerwise.partition)
+    assert all(torch.equal(a, b) for a, b in zip(started.routers, layerwise.routers))
+    assert glob.summary["val_ppl"] < start.summary["val_ppl"], (glob.summary["val_ppl"], start.summary["val_ppl"])
+    with pytest.raises(DotMoeError, match="does not match this conversion: experts 4 vs 8"):
+        convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "bad", mode="joint", experts=8, tokens=0,
+                     init_from=str(tmp_path / "g" / "layerwise"), **common), progress=False)

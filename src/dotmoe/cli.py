@@ -22,6 +22,10 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    "hidden-kmeans-router | prune")
     p.add_argument("--mode", help="joint (default: end-to-end KL) | layerwise (one layer at a time, low memory)")
     p.add_argument("--layer-steps", type=int, help="layerwise: optimizer steps per layer (default 100)")
+    p.add_argument("--global-tokens", type=int, help="layerwise: then train end to end (KL) on this many tokens, "
+                   "starting from the layer-wise result (loads the whole model; default 0 = no global phase)")
+    p.add_argument("--init-from", help="start from an earlier conversion's partition and routers (a `dotmoe "
+                   "convert` output, e.g. a layer-wise one) instead of the initialisation")
     p.add_argument("--experts", type=int)
     p.add_argument("--top-k", type=int)
     p.add_argument("--shared", type=int, help="always-on shared expert size in neurons (0 = none)")

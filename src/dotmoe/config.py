@@ -28,6 +28,8 @@ class ConvertConfig:
     method: str = "dotmoe"
     mode: str = "joint"  # joint (end-to-end KL) | layerwise (one layer at a time, low memory)
     layer_steps: int = 100  # layerwise: optimizer steps per layer
+    global_tokens: int = 0  # layerwise: tokens of joint end-to-end KL training after the layer-wise pass (0 = none)
+    init_from: str = ""  # joint: start from an earlier conversion's partition and routers (e.g. a layer-wise one)
     experts: int = 8
     top_k: int = 2
     shared: int = 0
@@ -90,6 +92,14 @@ class ConvertConfig:
             raise DotMoeError(f"--shared must be >= 0, got {self.shared}")
         if self.capacities is not None and (len(self.capacities) != self.experts or min(self.capacities) < 1):
             raise DotMoeError(f"capacities must be {self.experts} sizes >= 1, got {self.capacities}")
+        if self.global_tokens < 0:
+            raise DotMoeError(f"global_tokens must be >= 0, got {self.global_tokens}")
+        if self.global_tokens and self.mode != "layerwise":
+            raise DotMoeError("global_tokens is the joint phase after --mode layerwise; in the joint mode use --tokens")
+        if self.init_from and self.mode != "joint":
+            raise DotMoeError("init_from starts a joint conversion; it does not apply to --mode layerwise")
+        if self.init_from and self.method == "prune":
+            raise DotMoeError("init_from needs an MoE method; --method prune has no partition to start from")
         if self.tokens < 0:
             raise DotMoeError(f"tokens must be >= 0 (0 = training-free), got {self.tokens}")
         for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",

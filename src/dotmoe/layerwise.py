@@ -5,8 +5,11 @@ built on the meta device and each layer's weights are streamed from the safetens
 cached hidden states (giving the layer's FFN inputs X and outputs Y, and the next layer's inputs), converted,
 and dropped. Each layer's objective is output-aware: the relative error ||MoE(X) - Y||^2 / ||Y||^2 of the
 MoE-ified FFN on its own dense inputs (+ router z-loss and load balancing), with the same OT assignment,
-straight-through estimator and router as the joint mode. The joint KL phase can follow (`convert` from the
-exported model is not needed: the layer-wise result is a normal conversion output that `export` reads).
+straight-through estimator and router as the joint mode. The result is a normal conversion output.
+
+With `global_tokens > 0` an end-to-end KL phase follows: the layer-wise result is kept in `OUT/layerwise/` and
+the joint mode continues from its partition and routers (`init_from`) into OUT. That phase loads the whole model
+(it needs the memory of the joint mode); with `--resume`, a finished layer-wise pass is not redone.
 """
 
 from __future__ import annotations
@@ -82,12 +85,35 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
                                                              "final_error": final}
 
 
+LAYERWISE_DIR = "layerwise"  # OUT/layerwise: the layer-wise result when a global phase follows
+
+
 def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
-    """Layer-wise conversion (see module doc); writes the same outputs as `convert` and exports."""
+    """Layer-wise conversion (see module doc), then the optional global KL phase; writes the same outputs as
+    `convert` and exports."""
+    from dataclasses import replace
+
+    from dotmoe.artifacts import ASSIGNMENT_FILE, META_FILE
+    from dotmoe.train import ConvertResult, convert, export_and_record
+
+    out = Path(cfg.out)
+    if not cfg.global_tokens:
+        partition, summary = _layerwise_pass(cfg, out, progress)
+        export_and_record(out, cfg, summary, progress, check_tokens=0)
+        return ConvertResult(out_dir=out, partition=partition, summary=summary)
+    first = out / LAYERWISE_DIR
+    if not (cfg.resume and (first / ASSIGNMENT_FILE).is_file() and (first / META_FILE).is_file()):
+        _layerwise_pass(cfg, first, progress)  # returns before the joint phase loads the model: nothing held
+    joint = replace(cfg, mode="joint", tokens=cfg.global_tokens, global_tokens=0, init_from=str(first))
+    return convert(joint, progress)
+
+
+def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torch.Tensor, dict]:
+    """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, summary)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from dotmoe.paths import reference_data_file, reference_model_dir
-    from dotmoe.train import ConvertResult, calibration_sequences, export_and_record, preflight
+    from dotmoe.train import calibration_sequences, preflight
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -106,7 +132,6 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
         raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
     seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
     calib = calibration_sequences(seqs, cfg)
-    out = Path(cfg.out)
     preflight(out, cfg, skeleton)
     src = TensorSource(model_path, None)
 
@@ -155,6 +180,5 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
         "val_ppl": None, "dense_val_ppl": None, "config": cfg.to_dict(),
     }
     save_conversion(out, partition, routers, None, summary)
-    # no parity check here: it would load the whole model, which this mode exists to avoid
-    export_and_record(out, cfg, summary, progress, check_tokens=0)
-    return ConvertResult(out_dir=out, partition=partition, summary=summary)
+    # the export that follows runs no parity check: it would load the whole model, which this mode avoids
+    return partition, summary

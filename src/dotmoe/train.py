@@ -141,6 +141,25 @@ def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Te
     return torch.stack([p for p, _ in pairs]), None if routers[0] is None else routers
 
 
+def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
+                   caps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Partition [L, N] and routers of the conversion in `cfg.init_from`, checked against this conversion's shape."""
+    from dotmoe.artifacts import load_conversion
+
+    start = load_conversion(cfg.init_from)
+    meta = start.meta
+    mine = {"experts": cfg.experts, "shared": cfg.shared, "num_layers": num_layers, "intermediate_size": num_neurons,
+            "capacities": caps.tolist()}
+    theirs = {k: meta.get(k) for k in mine}
+    if theirs != mine:
+        diff = ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in mine.items() if theirs[k] != v)
+        raise DotMoeError(f"--init-from {cfg.init_from} does not match this conversion: {diff}")
+    if meta.get("top_k") != cfg.top_k or meta.get("gating") != cfg.gating:
+        raise DotMoeError(f"--init-from {cfg.init_from} was trained with top_k {meta.get('top_k')} and "
+                          f"{meta.get('gating')} gating; this conversion uses top_k {cfg.top_k} and {cfg.gating}")
+    return start.partition, start.routers
+
+
 def calibration_sequences(seqs: torch.Tensor, cfg: ConvertConfig) -> torch.Tensor:
     """The `calib_tokens` worth of packed sequences used for calibration (a seeded random subset)."""
     shuffled = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
@@ -290,21 +309,25 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     out = Path(cfg.out)
     mlp_names, mlps, num_neurons = prep.mlp_names, prep.mlps, prep.num_neurons
     caps = torch.tensor(cfg.column_capacities(num_neurons))
-    needs_inputs = cfg.init_router == "lstsq" or cfg.method in ("activation", "hidden-kmeans-router")
-    mlp_inputs = prep.calibration_inputs(cfg) if needs_inputs else None
-    partitions, analytic_routers = initial_partitions(cfg, mlps, caps, mlp_inputs)
+    if cfg.init_from:  # an earlier conversion's partition and routers, e.g. a layer-wise pass
+        partitions, analytic_routers = starting_point(cfg, len(mlps), num_neurons, caps)
+        mlp_inputs = None
+    else:
+        needs_inputs = cfg.init_router == "lstsq" or cfg.method in ("activation", "hidden-kmeans-router")
+        mlp_inputs = prep.calibration_inputs(cfg) if needs_inputs else None
+        partitions, analytic_routers = initial_partitions(cfg, mlps, caps, mlp_inputs)
 
     teacher = copy.deepcopy(model).eval() if cfg.trainable != "router+assignment" and cfg.kl_weight > 0 else None
     moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0)
     torch.manual_seed(cfg.seed)
     for layer, moe in enumerate(moes):
         moe.router.weight.data.normal_(std=moe.router.weight.shape[1] ** -0.5)
-        if analytic_routers is not None:  # the baseline's own router
+        if analytic_routers is not None:  # the baseline's own router, or the --init-from one
             moe.router.weight.data.copy_(analytic_routers[layer])
         elif cfg.init_router == "lstsq":
             moe.router.weight.data.copy_(lstsq_router(moe.dense, mlp_inputs[layer], partitions[layer], cfg.experts))
     affinity = cfg.init_scale * torch.nn.functional.one_hot(partitions, len(caps)).float()
-    if cfg.method == "dotmoe" and cfg.init_affinity == "random":
+    if cfg.method == "dotmoe" and cfg.init_affinity == "random" and not cfg.init_from:
         affinity = 0.01 * torch.randn(partitions.shape + (len(caps),), generator=torch.Generator().manual_seed(cfg.seed))
     assigner = NeuronAssigner(affinity, caps, learn=cfg.method == "dotmoe")
     assigner.iters = cfg.sinkhorn_iters
