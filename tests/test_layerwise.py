@@ -89,3 +89,28 @@ def test_global_kl_phase_starts_from_the_layerwise_result_and_improves_it(tiny_l
     with pytest.raises(DotMoeError, match="does not match this conversion: experts 4 vs 8"):
         convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "bad", mode="joint", experts=8, tokens=0,
                      init_from=str(tmp_path / "g" / "layerwise"), **common), progress=False)
+
+
+def test_return_freed_memory_gives_heap_pages_back_to_the_os():
+    """The fix for layer-wise RSS growing per layer: freed tensors stay resident under glibc until malloc_trim."""
+    import os
+    import sys
+
+    import pytest
+
+    from dotmoe.layerwise import _libc, return_freed_memory
+
+    if not sys.platform.startswith("linux") or not hasattr(_libc(), "malloc_trim"):
+        pytest.skip("glibc only")
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    chunks = [torch.ones(16 * 1024) for _ in range(4000)]  # 64 KB each (heap, under the mmap threshold): 250 MB
+    pin = torch.ones(16)  # allocated after them, so the heap top cannot shrink by itself on free
+    del chunks
+    freed = rss_mb()
+    return_freed_memory()
+    assert freed - rss_mb() > 150, (freed, rss_mb())
+    del pin

@@ -14,7 +14,10 @@ the joint mode continues from its partition and routers (`init_from`) into OUT. 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -37,6 +40,24 @@ def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> Non
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(src.get(f"{prefix}.{name}").float())
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give freed heap pages back to the OS. glibc keeps the arenas of freed tensors mapped, so without this the
+    resident memory of a layer-wise run grew by ~75 MB per layer on a 0.6B model (2.5 GB peak, not one layer's
+    worth); `malloc_trim` is glibc's own call for it. A no-op where it does not exist (macOS, musl)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, caps: torch.Tensor,
@@ -168,6 +189,8 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         routers.append(router)
         layer_stats.append(stats)
         layer.to("meta")  # drop this layer's weights
+        del xs, ys
+        return_freed_memory()
 
     partition = torch.stack(partitions)
     summary = {
