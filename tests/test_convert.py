@@ -108,7 +108,30 @@ def test_cli_rejects_non_gated_model_and_unknown_yaml_key(tmp_path, capsys):
     code, err = _run_cli(["convert", "--config", str(tmp_path / "c.yaml")], capsys)
     assert code == 2 and "unknown config key 'top_kk'" in err and "did you mean 'top_k'" in err
 
+    (tmp_path / "t.yaml").write_text("experts: eight\n")
+    code, err = _run_cli(["convert", "--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and "experts must be int; got 'eight'" in err and not (tmp_path / "t").exists()
+
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
     code, err = _run_cli(["convert", "--model", str(tmp_path / "bad")], capsys)
     assert code == 2 and "not valid JSON" in err
+
+
+def test_config_values_are_type_checked_and_yaml_float_strings_are_read_as_floats(tmp_path):
+    import pytest
+
+    from dotmoe.config import ConvertConfig, load_yaml_config
+    from dotmoe.errors import DotMoeError
+
+    (tmp_path / "c.yaml").write_text("lr_weights: 1e-4\ntau_end: 1\n")  # YAML 1.1 reads 1e-4 as a string
+    raw = load_yaml_config(tmp_path / "c.yaml")
+    assert raw["lr_weights"] == "1e-4"
+    cfg = ConvertConfig(**raw)
+    assert cfg.lr_weights == 1e-4 and isinstance(cfg.lr_weights, float) and cfg.tau_end == 1.0
+    for bad, message in [({"experts": "8"}, "experts must be int"), ({"top_k": True}, "top_k must be int"),
+                         ({"lr_router": "fast"}, "lr_router must be float"), ({"resume": "yes"}, "resume must be bool"),
+                         ({"data": "a.txt"}, "data must be list[str]"),
+                         ({"capacities": [1, 2.5]}, "capacities must be list[int] or null")]:
+        with pytest.raises(DotMoeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            ConvertConfig(**bad)

@@ -70,6 +70,8 @@ class ConvertConfig:
     export_format: str = "auto"  # written to <out>/model at the end; "none" skips the export
 
     def __post_init__(self) -> None:
+        self._check_types()
+
         def choose(name: str, options: tuple[str, ...]) -> None:
             if getattr(self, name) not in options:
                 raise DotMoeError(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
@@ -111,6 +113,32 @@ class ConvertConfig:
         if min(self.kl_weight, self.ce_weight, self.z_weight, self.lb_weight) < 0 or \
                 self.kl_weight + self.ce_weight == 0:
             raise DotMoeError("loss weights must be >= 0 with kl_weight + ce_weight > 0")
+
+    def _check_types(self) -> None:
+        """Each value has its field's type. Floats also accept ints and numeric strings: YAML 1.1 reads `1e-4`
+        (no dot) as the string '1e-4', which would otherwise reach the optimizer."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            bad = DotMoeError(f"{f.name} must be {kind.replace(' | None', ' or null')}; got {value!r}")
+            if kind == "float":
+                if isinstance(value, bool):
+                    raise bad
+                if isinstance(value, str):
+                    try:
+                        value = float(value)
+                    except ValueError:
+                        raise bad from None
+                if not isinstance(value, (int, float)):
+                    raise bad
+                setattr(self, f.name, float(value))
+            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad
+            elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
+                raise bad
+            elif kind.startswith("list[") and value is not None:
+                item = {"list[str]": str, "list[int] | None": int}[kind]
+                if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, item) for v in value):
+                    raise bad
 
     @property
     def steps(self) -> int:
