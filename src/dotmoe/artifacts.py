@@ -34,21 +34,28 @@ def write_meta(out: Path, summary: dict) -> None:
     os.replace(tmp, out / META_FILE)
 
 
-def save_trained_weights(out: Path, model) -> None:
-    """Write the dense weights of a model whose FFN/other weights were trained (MoeMLP wrappers removed).
-
-    Keys are the original checkpoint names; a tied output embedding is stored once (as the input one).
-    """
-    state = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        if ".router." in name or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        state[name.replace(".dense.", ".")] = tensor.detach().contiguous()
+def save_trained_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write the dense weights of a model whose FFN/other weights were trained (`trained_weights`' output)."""
     tmp = out / (TRAINED_WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / TRAINED_WEIGHTS_FILE)
+
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    """The dense weights of a model whose FFN/other weights were trained, MoeMLP wrappers and routers removed.
+
+    Keys are the original checkpoint names; a tied output embedding is stored once (as the input one). Sharded
+    (FSDP2) parameters are gathered whole, so under FSDP every process must call this.
+    """
+    from dotmoe.sharding import full_tensor
+
+    state = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if ".router." in name or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        state[name.replace(".dense.", ".")] = full_tensor(tensor.detach()).contiguous()
+    return state
 
 
 @dataclass

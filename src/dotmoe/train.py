@@ -28,6 +28,8 @@ from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_lo
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
+from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered,
+                             load_full_optimizer_state, load_full_state)
 
 
 class MoeTrainingModule(nn.Module):
@@ -39,6 +41,8 @@ class MoeTrainingModule(nn.Module):
         self.model, self.assigner, self.cfg = model, assigner, cfg
         self.moes = moes
         self.teacher = teacher  # a frozen copy, only when the FFN weights themselves are trained
+        # accelerate's FSDP auto-wrap reads the decoder layer class from here: one FSDP unit per decoder layer
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
     def set_assignment(self) -> AssignmentStats:
         """Solve this step's assignment and hand each MoE layer its matrix; return the stats."""
@@ -363,11 +367,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     start_step = 0
     if cfg.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=True)
-        with torch.no_grad():
-            for name, p in raw.named_parameters():
-                if name in state["params"]:
-                    p.copy_(state["params"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_state(raw, state["params"])
+        load_full_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
@@ -380,7 +381,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     history, evals = [], []
     dense_ppl = None
     if cfg.eval_every:
-        with moe_disabled(raw.model):
+        with gathered(raw), moe_disabled(raw.model):
             dense_ppl = perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2)
     t0, tokens_done = time.time(), 0
     bar = tqdm(range(start_step, cfg.steps), desc=f"convert ({cfg.method})", unit="step", disable=not progress,
@@ -432,32 +433,44 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                   "tau": round(raw.assigner.tau, 5), **{k: round(v, 6) for k, v in terms_sum.items()},
                   "tokens_per_s": round(tokens_done / (time.time() - t0), 1)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            raw.set_assignment()
-            record["val_ppl"] = round(perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2), 4)
+            with gathered(raw):
+                raw.set_assignment()
+                record["val_ppl"] = round(perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2), 4)
             raw.model.train()
             evals.append(record["val_ppl"])
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", cv=f"{record['load_cv']:.2f}",
                         err=f"{record['marginal_error']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        checkpoint = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+        if checkpoint:
             good = _snapshot(raw, optimizer)
+            # whole tensors (gathered on every process under FSDP), so resuming does not depend on the sharding
+            state = {"params": full_trainable_state(raw), "optimizer": full_optimizer_state(optimizer),
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}
         if accelerator.is_main_process:
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                _atomic_save({"params": _trainable_state(raw), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1},
-                             ckpt_path)
+            if checkpoint:
+                _atomic_save(state, ckpt_path)
 
     raw.eval()
     if cfg.steps == 0:  # training-free: the initial partition at the final temperature
         raw.assigner.tau = cfg.tau_end
-    with torch.no_grad():
-        partition = raw.set_assignment().hard
-    final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
-    if dense_ppl is None:
-        with moe_disabled(raw.model):
-            dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    with gathered(raw):  # FSDP: the root's parameters whole; each decoder layer unshards in its own forward
+        with torch.no_grad():
+            partition = raw.set_assignment().hard
+        final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+        if dense_ppl is None:
+            with moe_disabled(raw.model):
+                dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+        routers = [full_tensor(m.router.weight.detach()).clone() for m in raw.moes]  # every process (collective)
+        if cfg.trainable != "router+assignment":
+            from dotmoe.artifacts import save_trained_weights, trained_weights
+
+            weights = trained_weights(raw.model)  # every process: gathering shards is a collective
+            if accelerator.is_main_process:
+                save_trained_weights(out, weights)
+            del weights
     summary = {
         "method": cfg.method, "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "gating": cfg.gating,
         "capacities": caps.tolist(), "intermediate_size": num_neurons, "num_layers": len(moes),
@@ -469,11 +482,9 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
     }
     if accelerator.is_main_process:
-        from dotmoe.artifacts import save_conversion, save_trained_weights
+        from dotmoe.artifacts import save_conversion
 
-        if cfg.trainable != "router+assignment":
-            save_trained_weights(out, raw.model)
-        save_conversion(out, partition, [m.router.weight.detach() for m in raw.moes], raw.model, summary)
+        save_conversion(out, partition, routers, raw.model, summary)
         if ckpt_path.exists():
             ckpt_path.unlink()
         export_and_record(out, cfg, summary, progress)
