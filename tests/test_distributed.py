@@ -101,3 +101,17 @@ def test_fsdp2_full_training_crash_and_resume_equals_ddp(tiny_llama_dir, tiny_te
     wa, wb = load_file(tmp_path / "ddp" / "trained_weights.safetensors"), load_file(out / "trained_weights.safetensors")
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+
+
+def test_fsdp_config_on_a_machine_without_gpu_is_refused_not_silently_ddp(tiny_llama_dir, tiny_text, tmp_path,
+                                                                          monkeypatch):
+    from dotmoe.config import ConvertConfig
+    from dotmoe.errors import DotMoeError
+    from dotmoe.train import convert
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    out = tmp_path / "o"
+    with pytest.raises(DotMoeError, match="asks for FSDP, but accelerate runs FSDP only on GPUs"):
+        convert(ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], out=str(out), experts=4, tokens=256,
+                              seq_len=32, batch_size=4, export_format="none"), progress=False)
+    assert not out.exists()

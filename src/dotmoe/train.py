@@ -286,12 +286,21 @@ def prepare(cfg: ConvertConfig) -> Prepared:
 def _accelerator(cfg: ConvertConfig):
     from accelerate import Accelerator
 
+    from accelerate.utils import DistributedType
+
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                           cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                                  cpu=not torch.cuda.is_available())
     except ValueError as exc:  # accelerate keeps one process-wide state (precision, device)
         raise DotMoeError(f"cannot set up accelerate with mixed_precision={cfg.mixed_precision!r} in this process "
                           f"(an earlier conversion here used other settings); run it in a new process: {exc}") from exc
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and \
+            accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate falls back to DDP without a word: every process would hold the whole model
+        raise DotMoeError(f"the accelerate config asks for FSDP, but accelerate runs FSDP only on GPUs/accelerators "
+                          f"and this run is {accelerator.distributed_type.value} (no GPU found); use "
+                          "configs/accelerate/ddp.yaml on CPU")
+    return accelerator
 
 
 def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
