@@ -44,13 +44,13 @@ if os.environ.get("DOTMOE_TEST_FSDP_REPORT"):  # write the FSDP units of the pre
     train.MoeTrainingModule.train = _train_and_report
 
 if os.environ.get("DOTMOE_TEST_DIE_AFTER_CHECKPOINT"):  # a crash right after the first checkpoint is written
-    _save = train._atomic_save
+    _save = train.save_checkpoint
 
     def _save_then_die(obj, path):
         _save(obj, path)
         os._exit(1)
 
-    train._atomic_save = _save_then_die
+    train.save_checkpoint = _save_then_die
 
 if __name__ == "__main__":
     from dotmoe.cli import main

@@ -119,3 +119,43 @@ print(before, freed, rss())
     before, freed, trimmed = map(float, out.split())
     assert freed - before > 200, (before, freed, trimmed)  # glibc kept the freed pages resident
     assert freed - trimmed > 200, (before, freed, trimmed)  # and malloc_trim gave them back
+
+
+def test_layerwise_crash_then_resume_redoes_only_the_unfinished_layer(tiny_llama_dir, tiny_text, tmp_path,
+                                                                      monkeypatch):
+    import pytest
+
+    import dotmoe.layerwise as layerwise
+    from dotmoe.artifacts import load_conversion
+    from dotmoe.errors import DotMoeError
+
+    common = dict(layer_steps=10, export_format="none")
+    convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", **common), progress=False)
+    full = load_conversion(tmp_path / "full")
+
+    train_layer, calls = layerwise._train_layer, []
+
+    def crash_on_second_layer(*a, **k):
+        calls.append(a[-1])  # the layer's seed
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while layer 1 trains
+        return train_layer(*a, **k)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(layerwise, "_train_layer", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        convert(_cfg(tiny_llama_dir, tiny_text, out, **common), progress=False)
+    assert (out / layerwise.LAYERWISE_CHECKPOINT).is_file() and not (out / "dotmoe_meta.json").exists()
+
+    with pytest.raises(DotMoeError, match=r"written with other settings \(layer_steps\)"):
+        convert(_cfg(tiny_llama_dir, tiny_text, out, resume=True, layer_steps=11, export_format="none"),
+                progress=False)
+    calls.clear()
+    monkeypatch.setattr(layerwise, "_train_layer", lambda *a, **k: calls.append(a[-1]) or train_layer(*a, **k))
+    convert(_cfg(tiny_llama_dir, tiny_text, out, resume=True, **common), progress=False)
+    assert calls == [1]  # layer 0 came from the checkpoint; only layer 1 was trained again
+    resumed = load_conversion(out)
+    assert torch.equal(resumed.partition, full.partition)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.routers, full.routers))
+    assert resumed.meta["layer_errors"] == full.meta["layer_errors"]
+    assert not (out / layerwise.LAYERWISE_CHECKPOINT).exists()

@@ -5,7 +5,9 @@ built on the meta device and each layer's weights are streamed from the safetens
 cached hidden states (giving the layer's FFN inputs X and outputs Y, and the next layer's inputs), converted,
 and dropped. Each layer's objective is output-aware: the relative error ||MoE(X) - Y||^2 / ||Y||^2 of the
 MoE-ified FFN on its own dense inputs (+ router z-loss and load balancing), with the same OT assignment,
-straight-through estimator and router as the joint mode. The result is a normal conversion output.
+straight-through estimator and router as the joint mode. The result is a normal conversion output. After each
+layer a checkpoint holds the finished layers and the next layer's inputs, so `--resume` redoes only the layer
+in progress.
 
 With `global_tokens > 0` an end-to-end KL phase follows: the layer-wise result is kept in `OUT/layerwise/` and
 the joint mode continues from its partition and routers (`init_from`) into OUT. That phase loads the whole model
@@ -107,6 +109,29 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
 
 
 LAYERWISE_DIR = "layerwise"  # OUT/layerwise: the layer-wise result when a global phase follows
+LAYERWISE_CHECKPOINT = "layerwise_checkpoint.pt"  # finished layers + the hidden states entering the next one
+
+
+def _resume_key(cfg: ConvertConfig) -> dict:
+    """The settings a layer-wise checkpoint must match to be resumed (all but where and whether to resume)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "global_tokens")}
+
+
+def _load_checkpoint(path: Path, cfg: ConvertConfig, num_layers: int) -> dict | None:
+    """The layer-wise checkpoint at `path` (None when there is none), checked against this run's settings."""
+    from dotmoe.train import load_checkpoint
+
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    mine = _resume_key(cfg)
+    changed = sorted(k for k in mine.keys() | state["config"].keys() if mine.get(k) != state["config"].get(k))
+    if changed:
+        raise DotMoeError(f"--resume: {path} was written with other settings ({', '.join(changed)}); rerun with "
+                          "them, or without --resume to start over")
+    if not len(state["partitions"]) < num_layers:
+        raise DotMoeError(f"--resume: {path} holds {len(state['partitions'])} layers, the model has {num_layers}")
+    return state
 
 
 def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
@@ -134,7 +159,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from dotmoe.paths import reference_data_file, reference_model_dir
-    from dotmoe.train import calibration_sequences, preflight
+    from dotmoe.train import calibration_sequences, preflight, save_checkpoint
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -156,21 +181,28 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     preflight(out, cfg, skeleton)
     src = TensorSource(model_path, None)
 
-    embed = skeleton.get_input_embeddings()
-    embed_name = next(n for n, p in skeleton.named_parameters() if p is embed.weight)
-    _materialize(embed, embed_name.rsplit(".", 1)[0], src)
-    src.release()
-    with torch.no_grad():
-        hidden = embed(calib).float()
-    embed.to("meta")
+    ckpt_path = out / LAYERWISE_CHECKPOINT
+    state = _load_checkpoint(ckpt_path, cfg, len(named)) if cfg.resume else None
+    if state is None:
+        embed = skeleton.get_input_embeddings()
+        embed_name = next(n for n, p in skeleton.named_parameters() if p is embed.weight)
+        _materialize(embed, embed_name.rsplit(".", 1)[0], src)
+        src.release()
+        with torch.no_grad():
+            hidden = embed(calib).float()
+        embed.to("meta")
+        partitions, routers, layer_stats, start = [], [], [], 0
+    else:  # the finished layers' results and the hidden states entering the next layer
+        hidden, partitions, routers, layer_stats = state["hidden"], state["partitions"], state["routers"], state["stats"]
+        start = len(partitions)
     decoder = skeleton.get_decoder()
     rotary = type(decoder.rotary_emb)(config=config)
     positions = torch.arange(cfg.seq_len).unsqueeze(0)
     cos_sin = rotary(hidden, positions)
     caps = torch.tensor(cfg.column_capacities(num_neurons))
 
-    partitions, routers, layer_stats = [], [], []
-    for i, (mlp_name, mlp) in enumerate(tqdm(named, desc="layerwise", unit="layer", disable=not progress)):
+    bar = tqdm(named[start:], desc="layerwise", unit="layer", disable=not progress, initial=start, total=len(named))
+    for i, (mlp_name, mlp) in enumerate(bar, start=start):
         layer_name = mlp_name.rsplit(".", 1)[0]
         layer = skeleton.get_submodule(layer_name)
         _materialize(layer, layer_name, src)
@@ -191,6 +223,9 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         layer.to("meta")  # drop this layer's weights
         del xs, ys
         return_freed_memory()
+        if i + 1 < len(named):  # a crash loses at most the layer in progress
+            save_checkpoint({"config": _resume_key(cfg), "hidden": hidden, "partitions": partitions, "routers": routers,
+                          "stats": layer_stats}, ckpt_path)
 
     partition = torch.stack(partitions)
     summary = {
@@ -203,5 +238,6 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         "val_ppl": None, "dense_val_ppl": None, "config": cfg.to_dict(),
     }
     save_conversion(out, partition, routers, None, summary)
+    ckpt_path.unlink(missing_ok=True)
     # the export that follows runs no parity check: it would load the whole model, which this mode avoids
     return partition, summary

@@ -183,10 +183,20 @@ def export_and_record(out: Path, cfg: ConvertConfig, summary: dict, progress: bo
     write_meta(out, summary)
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
+def save_checkpoint(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `save_checkpoint`; tensors and plain data only (no pickled code is run)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise DotMoeError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}); remove it to start "
+                          "over") from exc
 
 
 def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
@@ -375,7 +385,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     order = torch.cat([torch.randperm(len(seqs), generator=order_gen) for _ in range(epochs)])
     start_step = 0
     if cfg.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=True)
+        state = load_checkpoint(ckpt_path)
         load_full_state(raw, state["params"])
         load_full_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -460,7 +470,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if checkpoint:
-                _atomic_save(state, ckpt_path)
+                save_checkpoint(state, ckpt_path)
 
     raw.eval()
     if cfg.steps == 0:  # training-free: the initial partition at the final temperature
