@@ -11,33 +11,24 @@ import torch
 from dotmoe.artifacts import load_conversion
 
 
-def test_two_process_ddp_matches_single_process(tiny_llama_dir, tiny_text, tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("experts: 4\ntop_k: 2\ntokens: 3072\nseq_len: 32\nbatch_size: 4\nseed: 3\neval_tokens: 256\n"
-                      "calib_tokens: 256\nexport_format: none\n")
-    args = ["convert", "--config", str(config), "--model", str(tiny_llama_dir), "--data", str(tiny_text),
-            "--eval-data", str(tiny_text)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "dotmoe.cli", *args, "--out", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    # torchrun sets RANK/WORLD_SIZE; accelerate then runs DDP over gloo on CPU
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+BASE_YAML = ("experts: 4\ntop_k: 2\ntokens: 3072\nseq_len: 32\nbatch_size: 4\nseed: 3\neval_tokens: 256\n"
+             "calib_tokens: 256\nexport_format: none\n")
+SINGLE = [sys.executable, "-m", "dotmoe.cli"]
+# torchrun sets RANK/WORLD_SIZE; accelerate then runs DDP over gloo on CPU
+DDP_LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
               "-m", "dotmoe.cli"]
-    double = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert double.returncode == 0, double.stderr[-3000:]
-    logs = [[json.loads(x) for x in (tmp_path / d / "train_log.jsonl").read_text().splitlines()] for d in ("one", "two")]
-    assert len(logs[0]) == len(logs[1]) == 24
-    for a, b in zip(*logs):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6)
-    one, two = load_conversion(tmp_path / "one"), load_conversion(tmp_path / "two")
-    assert (one.meta["processes"], two.meta["processes"]) == (1, 2)
-    assert torch.equal(one.partition, two.partition)
+FSDP_LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               os.path.join(os.path.dirname(__file__), "fsdp_cpu_launch.py")]
 
 
-def _run(cmd, env, ok=True):
+def _convert_args(config_dir, model, data, yaml_text: str) -> list[str]:
+    config = config_dir / "c.yaml"
+    config.write_text(yaml_text)
+    return ["convert", "--config", str(config), "--model", str(model), "--data", str(data), "--eval-data", str(data)]
+
+
+def _run(cmd, env=ENV, ok=True):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
     return proc
@@ -47,30 +38,44 @@ def _log(out):
     return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-FSDP_LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               os.path.join(os.path.dirname(__file__), "fsdp_cpu_launch.py")]
+@pytest.fixture(scope="module")
+def single_process_run(tiny_llama_dir, tiny_text, tmp_path_factory):
+    """(convert args, output dir) of the 1-process reference run the 2-process runs are compared with."""
+    tmp = tmp_path_factory.mktemp("single")
+    args = _convert_args(tmp, tiny_llama_dir, tiny_text, BASE_YAML)
+    _run([*SINGLE, *args, "--out", str(tmp / "one")])
+    return args, tmp / "one"
 
 
-def test_two_process_fsdp2_shards_each_layer_and_matches_single_process(tiny_llama_dir, tiny_text, tmp_path):
+def _assert_same_run(one, two):
+    """Same loss curve (within float reduction-order noise) and the same partition."""
+    a, b = _log(one), _log(two)
+    assert len(a) == len(b) == 24
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
+        assert y["kl"] == pytest.approx(x["kl"], rel=1e-3, abs=1e-6)
+    assert torch.equal(load_conversion(one).partition, load_conversion(two).partition)
+
+
+def test_two_process_ddp_matches_single_process(single_process_run, tmp_path):
+    args, one = single_process_run
+    _run([*DDP_LAUNCH, *args, "--out", str(tmp_path / "two")])
+    _assert_same_run(one, tmp_path / "two")
+    assert (load_conversion(one).meta["processes"], load_conversion(tmp_path / "two").meta["processes"]) == (1, 2)
+
+
+def test_two_process_fsdp2_shards_each_layer_and_matches_single_process(single_process_run, tmp_path):
     """accelerate's FSDP2 path (one unit per decoder layer, the teacher being the same modules) trains to the
     same partition and loss curve as one process."""
-    config = tmp_path / "c.yaml"
-    config.write_text("experts: 4\ntop_k: 2\ntokens: 3072\nseq_len: 32\nbatch_size: 4\nseed: 3\neval_tokens: 256\n"
-                      "calib_tokens: 256\nexport_format: none\n")
-    args = ["convert", "--config", str(config), "--model", str(tiny_llama_dir), "--data", str(tiny_text),
-            "--eval-data", str(tiny_text)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    _run([sys.executable, "-m", "dotmoe.cli", *args, "--out", str(tmp_path / "one")], env)
-    probe = tmp_path / "units.txt"  # the launcher's sharded module: FSDP units and a parameter's placement
-    _run([*FSDP_LAUNCH, *args, "--out", str(tmp_path / "fsdp")], {**env, "DOTMOE_TEST_FSDP_REPORT": str(probe)})
+    args, one = single_process_run
+    probe = tmp_path / "units.txt"  # the launcher writes the FSDP units of the prepared module here
+    _run([*FSDP_LAUNCH, *args, "--out", str(tmp_path / "fsdp")], {**ENV, "DOTMOE_TEST_FSDP_REPORT": str(probe)})
     units = probe.read_text().split()
     assert units == ["<root>", "model.model.layers.0", "model.model.layers.1"], units
-    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "fsdp"), strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6)
-    one, fsdp = load_conversion(tmp_path / "one"), load_conversion(tmp_path / "fsdp")
-    assert fsdp.meta["processes"] == 2 and torch.equal(one.partition, fsdp.partition)
-    for a, b in zip(one.routers, fsdp.routers):
+    _assert_same_run(one, tmp_path / "fsdp")
+    fsdp = load_conversion(tmp_path / "fsdp")
+    assert fsdp.meta["processes"] == 2
+    for a, b in zip(load_conversion(one).routers, fsdp.routers):
         assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -79,20 +84,13 @@ def test_fsdp2_full_training_crash_and_resume_equals_ddp(tiny_llama_dir, tiny_te
     ends exactly where an uninterrupted 2-process DDP run does (checkpoints hold whole tensors, re-sharded on load)."""
     from safetensors.torch import load_file
 
-    config = tmp_path / "c.yaml"
-    config.write_text("experts: 4\ntop_k: 2\ntokens: 2048\nseq_len: 32\nbatch_size: 4\nseed: 3\neval_tokens: 256\n"
-                      "calib_tokens: 256\nexport_format: none\ntrainable: full\nlr_weights: 1e-4\n"
-                      "checkpoint_every: 6\n")
-    args = ["convert", "--config", str(config), "--model", str(tiny_llama_dir), "--data", str(tiny_text),
-            "--eval-data", str(tiny_text)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-           "-m", "dotmoe.cli"]
-    _run([*ddp, *args, "--out", str(tmp_path / "ddp")], env)
+    args = _convert_args(tmp_path, tiny_llama_dir, tiny_text, BASE_YAML.replace("tokens: 3072", "tokens: 2048")
+                         + "trainable: full\nlr_weights: 1e-4\ncheckpoint_every: 6\n")
+    _run([*DDP_LAUNCH, *args, "--out", str(tmp_path / "ddp")])
     out = tmp_path / "fsdp"
-    _run([*FSDP_LAUNCH, *args, "--out", str(out)], {**env, "DOTMOE_TEST_DIE_AFTER_CHECKPOINT": "1"}, ok=False)
+    _run([*FSDP_LAUNCH, *args, "--out", str(out)], {**ENV, "DOTMOE_TEST_DIE_AFTER_CHECKPOINT": "1"}, ok=False)
     assert (out / "checkpoint.pt").exists() and len(_log(out)) == 6 and not (out / "dotmoe_meta.json").exists()
-    _run([*FSDP_LAUNCH, *args, "--out", str(out), "--resume"], env)
+    _run([*FSDP_LAUNCH, *args, "--out", str(out), "--resume"])
     a, b = _log(tmp_path / "ddp"), _log(out)
     assert [r["step"] for r in b] == list(range(1, 17))
     for x, y in zip(a, b, strict=True):

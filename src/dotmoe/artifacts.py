@@ -40,11 +40,13 @@ def save_trained_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / TRAINED_WEIGHTS_FILE)
 
-def trained_weights(model) -> dict[str, torch.Tensor]:
+
+def trained_weights(model, keep: bool = True) -> dict[str, torch.Tensor]:
     """The dense weights of a model whose FFN/other weights were trained, MoeMLP wrappers and routers removed.
 
     Keys are the original checkpoint names; a tied output embedding is stored once (as the input one). Sharded
-    (FSDP2) parameters are gathered whole, so under FSDP every process must call this.
+    (FSDP2) parameters are gathered whole, so under FSDP every process must call this; with `keep=False` (the
+    processes that do not write) each gathered tensor is dropped at once and an empty dict is returned.
     """
     from dotmoe.sharding import full_tensor
 
@@ -54,7 +56,9 @@ def trained_weights(model) -> dict[str, torch.Tensor]:
         if ".router." in name or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        state[name.replace(".dense.", ".")] = full_tensor(tensor.detach()).contiguous()
+        whole = full_tensor(tensor.detach())
+        if keep:
+            state[name.replace(".dense.", ".")] = whole.contiguous()
     return state
 
 

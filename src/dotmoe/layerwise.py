@@ -193,7 +193,8 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         embed.to("meta")
         partitions, routers, layer_stats, start = [], [], [], 0
     else:  # the finished layers' results and the hidden states entering the next layer
-        hidden, partitions, routers, layer_stats = state["hidden"], state["partitions"], state["routers"], state["stats"]
+        hidden, partitions, routers = state["hidden"], state["partitions"], state["routers"]
+        layer_stats = state["stats"]
         start = len(partitions)
     decoder = skeleton.get_decoder()
     rotary = type(decoder.rotary_emb)(config=config)
@@ -224,8 +225,8 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         del xs, ys
         return_freed_memory()
         if i + 1 < len(named):  # a crash loses at most the layer in progress
-            save_checkpoint({"config": _resume_key(cfg), "hidden": hidden, "partitions": partitions, "routers": routers,
-                          "stats": layer_stats}, ckpt_path)
+            save_checkpoint({"config": _resume_key(cfg), "hidden": hidden, "partitions": partitions,
+                             "routers": routers, "stats": layer_stats}, ckpt_path)
 
     partition = torch.stack(partitions)
     summary = {

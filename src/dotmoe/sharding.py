@@ -57,9 +57,16 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Whole (unsharded) copies of the trainable parameters, by name."""
-    return {k: full_tensor(v.detach()).clone() for k, v in module.named_parameters() if v.requires_grad}
+def full_trainable_state(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole (unsharded) copies of the trainable parameters, by name. With `keep=False` (the processes that do
+    not write the checkpoint) each shard still takes part in the gather, but nothing is copied or kept."""
+    state = {}
+    for k, v in module.named_parameters():
+        if v.requires_grad:
+            whole = full_tensor(v.detach())
+            if keep:
+                state[k] = whole.clone()
+    return state
 
 
 def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -70,11 +77,16 @@ def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 p.copy_(shard_like(state[name], p))
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """`optimizer.state_dict()` with every sharded state tensor (e.g. AdamW moments) gathered whole."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
+    """`optimizer.state_dict()` with every sharded state tensor (e.g. AdamW moments) gathered whole; with
+    `keep=False` the gathers happen (they are collectives) but an empty dict is returned."""
     sd = optimizer.state_dict()
-    sd["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in sd["state"].items()}
-    return sd
+    state = {}
+    for i, s in sd["state"].items():
+        whole = {k: full_tensor(v) for k, v in s.items()}
+        if keep:
+            state[i] = whole
+    return {**sd, "state": state} if keep else {}
 
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:

@@ -295,7 +295,6 @@ def prepare(cfg: ConvertConfig) -> Prepared:
 
 def _accelerator(cfg: ConvertConfig):
     from accelerate import Accelerator
-
     from accelerate.utils import DistributedType
 
     try:
@@ -464,7 +463,9 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         if checkpoint:
             good = _snapshot(raw, optimizer)
             # whole tensors (gathered on every process under FSDP), so resuming does not depend on the sharding
-            state = {"params": full_trainable_state(raw), "optimizer": full_optimizer_state(optimizer),
+            main = accelerator.is_main_process  # only it keeps the copies; the others join the gathers
+            state = {"params": full_trainable_state(raw, keep=main),
+                     "optimizer": full_optimizer_state(optimizer, keep=main),
                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}
         if accelerator.is_main_process:
             with log_path.open("a") as fh:
@@ -486,7 +487,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         if cfg.trainable != "router+assignment":
             from dotmoe.artifacts import save_trained_weights, trained_weights
 
-            weights = trained_weights(raw.model)  # every process: gathering shards is a collective
+            weights = trained_weights(raw.model, keep=accelerator.is_main_process)  # every process: a collective
             if accelerator.is_main_process:
                 save_trained_weights(out, weights)
             del weights
