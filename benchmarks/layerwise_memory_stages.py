@@ -1,10 +1,11 @@
 """Resident memory per stage of a layer-wise conversion (where the peak of `layerwise_memory.py` goes).
 
-    python benchmarks/layerwise_memory_stages.py --model DIR
+    python benchmarks/layerwise_memory_stages.py --model DIR [--no-trim]
 
 RSS is sampled every 10 ms by a thread and printed at each stage boundary (imports, data + meta skeleton, each
 layer materialized and trained), with the peak so far. Same settings as the layer-wise row of
-`layerwise_memory.py`; nothing is exported.
+`layerwise_memory.py`; nothing is exported. `--no-trim` skips handing freed heap pages back to the OS after each
+layer (`return_freed_memory`), to see what that call saves.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="dense HF model directory")
+    parser.add_argument("--no-trim", action="store_true", help="do not return freed heap pages after each layer")
     args = parser.parse_args()
     peak = [0.0]
 
@@ -64,6 +66,8 @@ def main() -> None:
 
     layerwise._materialize, layerwise._train_layer, train.preflight = (traced_materialize, traced_train_layer,
                                                                        traced_preflight)
+    if args.no_trim:
+        layerwise.return_freed_memory = lambda: None
     with tempfile.TemporaryDirectory() as out:
         cfg = ConvertConfig(model=args.model, out=out, mode="layerwise", layer_steps=10, tokens=1, calib_tokens=2048,
                             seq_len=256, batch_size=4, export_format="none", eval_tokens=512)
