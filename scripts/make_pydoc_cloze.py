@@ -1,10 +1,11 @@
-"""Build the bundled lm-eval task `pydoc_cloze` from the held-out *test* split of the reference corpus.
+"""Build the bundled lm-eval cloze tasks from held-out text.
 
-    python scripts/make_pydoc_cloze.py [--items 300]
+    python scripts/make_pydoc_cloze.py [--items 300]                      # pydoc_cloze: Python-docs test split
+    python scripts/make_pydoc_cloze.py --task wiki_cloze --source wiki_test.txt   # general English (Wikipedia)
 
 Each item: the first ~60% of a prose sentence from the test split as context; the choices are its true ending and
 three endings of other sentences of similar length. The reference model never trained on the test split.
-Seeded and deterministic; writes src/dotmoe/assets/tasks/pydoc_cloze.jsonl.
+Seeded and deterministic; writes src/dotmoe/assets/tasks/<task>.jsonl (the YAML beside it names the file).
 """
 
 import argparse
@@ -32,9 +33,11 @@ def sentences(text: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=300)
+    parser.add_argument("--task", default="pydoc_cloze")
+    parser.add_argument("--source", default="test.txt", help="a held-out split in src/dotmoe/assets/data/")
     args = parser.parse_args()
     rng = random.Random(0)
-    sents = sentences((ROOT / "src/dotmoe/assets/data/test.txt").read_text())
+    sents = sentences((ROOT / "src/dotmoe/assets/data" / args.source).read_text())
     rng.shuffle(sents)
     splits = []
     for s in sents:
@@ -49,9 +52,9 @@ def main() -> None:
         choices = distractors + [ending]
         rng.shuffle(choices)
         items.append({"context": context, "choices": choices, "label": choices.index(ending)})
-    out = ROOT / "src/dotmoe/assets/tasks/pydoc_cloze.jsonl"
+    out = ROOT / f"src/dotmoe/assets/tasks/{args.task}.jsonl"
     out.write_text("".join(json.dumps(x) + "\n" for x in items))
-    print(f"{len(items)} items from {len(sents)} test-split sentences -> {out}")
+    print(f"{len(items)} items from {len(sents)} held-out sentences -> {out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dotmoe.router import GATING_MODES
 
 METHODS = ("dotmoe", "random", "sequential", "weight-kmeans", "activation", "hidden-kmeans-router", "prune")
 TRAINABLE = ("router+assignment", "experts", "full")
-AFFINITY_INITS = ("weight-kmeans", "random")
+AFFINITY_INITS = ("coactivation", "weight-kmeans", "random")
 ROUTER_INITS = ("lstsq", "random")
 
 
@@ -32,7 +32,13 @@ class ConvertConfig:
     init_from: str = ""  # joint: start from an earlier conversion's partition and routers (e.g. a layer-wise one)
     experts: int = 8
     top_k: int = 2
-    shared: int = 0
+    # Always-on neurons. By default a `shared_fraction` of the active FFN budget (k/E of the neurons) is an
+    # always-on shared expert and the least useful neurons are dropped, so the active budget stays exactly k/E:
+    # shared = fraction * N * k / E, drop = shared * (E / k - 1). `shared` / `drop` set neuron counts directly
+    # (an explicit `shared` alone adds the shared expert on top of the k/E budget, with drop 0).
+    shared_fraction: float = 0.5
+    shared: int | None = None
+    drop: int | None = None  # neurons removed entirely (an OT column whose gate is 0); needs a shared expert
     capacities: list[int] | None = None
     gating: str = "softmax"
     tokens: int = 500_000
@@ -47,7 +53,7 @@ class ConvertConfig:
     tau_start: float = 1.0
     tau_end: float = 0.1
     sinkhorn_iters: int = 100
-    init_affinity: str = "weight-kmeans"
+    init_affinity: str = "coactivation"
     init_scale: float = 1.0
     init_router: str = "lstsq"
     calib_tokens: int = 16_384
@@ -58,6 +64,7 @@ class ConvertConfig:
     kl_temperature: float = 1.0
     chunk_tokens: int = 1024
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = True  # recompute each decoder layer in the backward: activation memory / L
     eval_data: list[str] = field(default_factory=list)
     eval_tokens: int = 32_768
     eval_every: int = 0
@@ -90,8 +97,16 @@ class ConvertConfig:
             raise DotMoeError(f"--experts must be >= 2, got {self.experts}")
         if not 1 <= self.top_k < self.experts:
             raise DotMoeError(f"--top-k must be between 1 and experts-1={self.experts - 1}, got {self.top_k}")
-        if self.shared < 0:
+        if not 0 <= self.shared_fraction < 1:
+            raise DotMoeError(f"shared_fraction must be in [0, 1), got {self.shared_fraction}")
+        if self.shared is not None and self.shared < 0:
             raise DotMoeError(f"--shared must be >= 0, got {self.shared}")
+        if self.drop is not None and self.drop < 0:
+            raise DotMoeError(f"--drop must be >= 0, got {self.drop}")
+        if self.drop and not self.shared and (self.shared is not None or not self.shared_fraction):
+            raise DotMoeError("--drop needs a shared expert (--shared > 0): dropped neurons are the OT column after it")
+        if self.capacities is not None and self.shared is None:
+            self.shared = 0  # explicit expert sizes: the shared expert is what the user says (none by default)
         if self.capacities is not None and (len(self.capacities) != self.experts or min(self.capacities) < 1):
             raise DotMoeError(f"capacities must be {self.experts} sizes >= 1, got {self.capacities}")
         if self.global_tokens < 0:
@@ -131,7 +146,8 @@ class ConvertConfig:
                 if not isinstance(value, (int, float)):
                     raise bad
                 setattr(self, f.name, float(value))
-            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            elif kind in ("int", "int | None") and (isinstance(value, bool) or not isinstance(value, int)) and \
+                    not (kind == "int | None" and value is None):
                 raise bad
             elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
                 raise bad
@@ -152,23 +168,38 @@ class ConvertConfig:
         return self.tau_start * (self.tau_end / self.tau_start) ** (step / max(1, steps - 1))
 
     def column_capacities(self, num_neurons: int) -> list[int]:
-        """OT column sizes: the routed experts' capacities, then the shared expert's (when there is one)."""
+        """OT column sizes: the routed experts' capacities, then the shared expert's and the dropped neurons' (when
+        there are such)."""
         from dotmoe.sinkhorn import capacities
 
-        routed = capacities(num_neurons - self.shared, self.experts, self.capacities)
-        return routed + ([self.shared] if self.shared else [])
+        self.resolve_shared(num_neurons)
+        routed = capacities(num_neurons - self.shared - self.drop, self.experts, self.capacities)
+        return routed + ([self.shared] if self.shared else []) + ([self.drop] if self.drop else [])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def resolve_shared(self, num_neurons: int) -> None:
+        """Turn `shared_fraction` into neuron counts for a model with `num_neurons` FFN neurons (in place)."""
+        if self.shared is None:
+            budget = num_neurons * self.top_k / self.experts  # active neurons per token
+            per_expert = int(budget * (1 - self.shared_fraction) / self.top_k)
+            self.shared = int(round(budget)) - self.top_k * per_expert if self.shared_fraction else 0
+            self.drop = num_neurons - self.shared - self.experts * per_expert if self.drop is None else self.drop
+        if self.drop is None:
+            self.drop = 0
+
     def validate_for(self, num_neurons: int) -> None:
-        """Checks that need the model: capacities sum to N - shared, shared < N, every expert non-empty."""
-        if self.shared >= num_neurons:
-            raise DotMoeError(f"--shared {self.shared} must be smaller than the intermediate size {num_neurons}")
-        routed = num_neurons - self.shared
+        """Resolve the shared/dropped neuron counts, then check what needs the model: capacities sum to
+        N - shared - drop, shared + drop < N, every expert non-empty."""
+        self.resolve_shared(num_neurons)
+        if self.shared + self.drop >= num_neurons:
+            raise DotMoeError(f"--shared {self.shared} + --drop {self.drop} must be smaller than the intermediate "
+                              f"size {num_neurons}")
+        routed = num_neurons - self.shared - self.drop
         if self.capacities is not None and sum(self.capacities) != routed:
             raise DotMoeError(f"capacities sum to {sum(self.capacities)}, but the routed neurons number {routed}"
-                              f" (intermediate size {num_neurons} - shared {self.shared})")
+                              f" (intermediate size {num_neurons} - shared {self.shared} - drop {self.drop})")
         if routed < self.experts:
             raise DotMoeError(f"{routed} routed neurons cannot fill {self.experts} experts")
 

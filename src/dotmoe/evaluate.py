@@ -184,11 +184,12 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], task_dir: str = "",
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Run every evaluation that applies and return (and optionally write) a JSON-able report."""
     from dotmoe.data import load_texts, tokenize_stream
-    from dotmoe.paths import reference_data_file
+    from dotmoe.paths import default_data_file
     from dotmoe.perplexity import perplexity
 
     model, tok = _load(cfg.model, cfg.trust_remote_code)
-    texts = load_texts(cfg.data or [str(reference_data_file("test"))])
+    base = cfg.dense or getattr(model.config, "dotmoe", {}).get("base_model") or cfg.model
+    texts = load_texts(cfg.data or [str(default_data_file("test", base))])
     ids = tokenize_stream(tok, texts)[: cfg.tokens]
     report: dict = {"model": cfg.model, "config": asdict(cfg), "architecture": type(model).__name__,
                     "params": sum(p.numel() for p in model.parameters()), "ppl_tokens": len(ids)}

@@ -232,6 +232,7 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
         cfg = moe_config(dense, plan, experts=meta["experts"], top_k=meta["top_k"], expert_size=expert_size,
                          shared=meta["shared"], gating=meta["gating"], dtype=out_dtype_name)
         cfg["dotmoe"] = {**params, "method": meta["method"], "gating": meta["gating"], "exact": plan.exact,
+                         "base_model": meta["base_model"],
                          "capacities": meta["capacities"]}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for f in TOKENIZER_FILES:
@@ -265,14 +266,15 @@ def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: i
     from transformers import AutoModelForCausalLM
 
     from dotmoe.data import load_texts, tokenize_stream
-    from dotmoe.paths import reference_data_file
+    from dotmoe.paths import default_data_file
     from dotmoe.sparse_model import load_sparse_model
 
     cfg = json.loads((model_dir / "config.json").read_text())
     reference, tokenizer, _ = load_sparse_model(convert_dir, round_to=DTYPES[cfg["dtype"]])
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=plan.custom)
     exported.eval()
-    ids = tokenize_stream(tokenizer, load_texts([str(reference_data_file("validation"))]))[:tokens].unsqueeze(0)
+    base = json.loads((convert_dir / META_FILE).read_text())["base_model"]
+    ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", base))]))[:tokens].unsqueeze(0)
     a = reference(input_ids=ids).logits
     b = exported(input_ids=ids).logits
     return {"tokens": ids.shape[1], "max_abs_logit_diff": float((a - b).abs().max()),

@@ -68,8 +68,8 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
     from dotmoe.train import layer_partition, lstsq_router, partition_kind
 
     gen = torch.Generator().manual_seed(seed)
-    part, router_init = layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen)
-    moe = MoeMLP(mlp, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0)
+    part, router_init = layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop)
+    moe = MoeMLP(mlp, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0, dropped=cfg.drop > 0)
     with torch.no_grad():
         if router_init is not None:  # the baseline's own router
             moe.router.weight.copy_(router_init)
@@ -158,13 +158,13 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, summary)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from dotmoe.paths import reference_data_file, reference_model_dir
+    from dotmoe.paths import default_data_file, reference_model_dir
     from dotmoe.train import calibration_sequences, preflight, save_checkpoint
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     model_path = Path(cfg.model or reference_model_dir())
-    texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
+    texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
     check_model_dir(model_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     config._attn_implementation = "sdpa"  # causal masking without a mask tensor
@@ -231,6 +231,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     partition = torch.stack(partitions)
     summary = {
         "method": cfg.method, "mode": "layerwise", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared,
+        "drop": cfg.drop,
         "gating": cfg.gating, "capacities": caps.tolist(), "intermediate_size": num_neurons,
         "num_layers": len(named), "mlp_modules": [n for n, _ in named], "base_model": str(model_path.resolve()),
         "train_tokens": len(named) * (cfg.layer_steps if cfg.tokens else 0) * cfg.batch_size * cfg.seq_len,

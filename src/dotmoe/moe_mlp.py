@@ -2,8 +2,9 @@
 
     H = act(x W_gate) * (x W_up);  Y_hat = (H * (G M^T)) W_down
 
-G [tokens, E(+1)] are the router gates (plus an always-on column for the shared expert), M [N, E(+1)] the
-neuron -> expert assignment (hard in the forward, soft in the backward). With the mask off the module runs
+G [tokens, E'] are the router gates plus the fixed columns: 1 for the always-on shared expert (when there is
+one) and 0 for the dropped neurons (when some are dropped); M [N, E'] the neuron -> column assignment
+(hard in the forward, soft in the backward). With the mask off the module runs
 the dense MLP's exact computation, so the dense teacher needs no second copy of the model.
 """
 
@@ -21,12 +22,13 @@ from dotmoe.router import RouterOutput, TopKRouter
 class MoeMLP(nn.Module):
     """Dense gated MLP + router + assignment matrix (set each step by the assigner)."""
 
-    def __init__(self, dense_mlp: nn.Module, num_experts: int, top_k: int, gating: str, shared: bool):
+    def __init__(self, dense_mlp: nn.Module, num_experts: int, top_k: int, gating: str, shared: bool,
+                 dropped: bool = False):
         super().__init__()
         self.dense = dense_mlp
         hidden = dense_mlp.gate_proj.in_features
         self.router = TopKRouter(hidden, num_experts, top_k, gating).to(dense_mlp.gate_proj.weight.device)
-        self.shared = shared
+        self.shared, self.dropped = shared, dropped
         self.moe_enabled = True
         self.assignment: torch.Tensor | None = None  # [N, E(+1)]
         self.last_router: RouterOutput | None = None
@@ -41,19 +43,21 @@ class MoeMLP(nn.Module):
         routed = self.router(x)
         self.last_router = routed
         gates = routed.gates
-        if self.shared:
-            gates = torch.cat([gates, gates.new_ones(gates.shape[:-1] + (1,))], dim=-1)
+        fixed = [1.0] * self.shared + [0.0] * self.dropped  # shared expert always on; dropped neurons never
+        if fixed:
+            gates = torch.cat([gates, gates.new_tensor(fixed).expand(gates.shape[:-1] + (len(fixed),))], dim=-1)
         neuron_gate = gates @ self.assignment.t().to(gates.dtype)
         return mlp.down_proj(h * neuron_gate.to(h.dtype))
 
 
-def install_moe(model: nn.Module, num_experts: int, top_k: int, gating: str, shared: bool) -> list[MoeMLP]:
+def install_moe(model: nn.Module, num_experts: int, top_k: int, gating: str, shared: bool,
+                dropped: bool = False) -> list[MoeMLP]:
     """Replace every gated MLP of `model` by a MoeMLP wrapping it (in place); return them in layer order."""
     moes = []
     for name, mlp in find_gated_mlps(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        moe = MoeMLP(mlp, num_experts, top_k, gating, shared)
+        moe = MoeMLP(mlp, num_experts, top_k, gating, shared, dropped)
         setattr(parent, child, moe)
         moes.append(moe)
     return moes

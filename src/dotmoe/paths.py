@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DATA_SPLITS = ("train_sample", "validation", "test")
+DATA_SPLITS = ("train_sample", "validation", "test", "wiki_train", "wiki_validation", "wiki_test", "news_test")
+# which bundled split a command reads when no data is given: Python-docs text for the bundled reference model (its
+# training domain), general English (Wikipedia; scripts/make_general_english.py) for any other model
+_DEFAULT_SPLITS = {"train": ("train_sample", "wiki_train"), "validation": ("validation", "wiki_validation"),
+                   "test": ("test", "wiki_test")}
 
 
 def reference_model_dir() -> Path:
@@ -14,7 +18,9 @@ def reference_model_dir() -> Path:
 
 
 def reference_data_file(split: str = "validation") -> Path:
-    """Bundled text split: 'train_sample' (for conversion), 'validation' or 'test'."""
+    """Bundled text split: 'train_sample' (for conversion), 'validation' or 'test' (Python docs, the reference
+    model's domain); 'wiki_train', 'wiki_validation', 'wiki_test' (general English: Wikipedia articles) or
+    'news_test' (held-out news articles)."""
     if split not in DATA_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(DATA_SPLITS)}")
     return ASSETS / "data" / f"{split}.txt"
@@ -23,3 +29,10 @@ def reference_data_file(split: str = "validation") -> Path:
 def tasks_dir() -> Path:
     """Bundled lm-eval task YAMLs (+ their local data)."""
     return ASSETS / "tasks"
+
+
+def default_data_file(role: str, model: str | Path | None) -> Path:
+    """The bundled split a command uses for `role` ('train', 'validation' or 'test') when given no data: the
+    Python-docs split for the bundled reference model, the general-English one for any other model."""
+    reference = not model or Path(model).resolve() == reference_model_dir().resolve()
+    return reference_data_file(_DEFAULT_SPLITS[role][0 if reference else 1])

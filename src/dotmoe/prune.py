@@ -1,6 +1,6 @@
 """`--method prune`: structured FFN width pruning at the same active budget as the MoE (a baseline).
 
-Keeps, in every layer, the `shared + (N - shared) * k / E` most important neurons (mean |h_n| * ||W_down[:, n]||
+Keeps, in every layer, the `shared + (N - shared - drop) * k / E` most important neurons (mean |h_n| * ||W_down[:, n]||
 on calibration tokens), so the pruned dense FFN has the MoE's active FFN parameter count. Training-free; the
 output is a plain dense checkpoint of the same class with a smaller `intermediate_size`.
 """
@@ -19,7 +19,7 @@ from dotmoe.perplexity import perplexity
 
 
 def kept_neurons(cfg: ConvertConfig, num_neurons: int) -> int:
-    return cfg.shared + round((num_neurons - cfg.shared) * cfg.top_k / cfg.experts)
+    return cfg.shared + round((num_neurons - cfg.shared - cfg.drop) * cfg.top_k / cfg.experts)
 
 
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:

@@ -35,7 +35,8 @@ def load_sparse_model(convert_dir: str | Path, dtype: torch.dtype = torch.float3
 
             raise DotMoeError(f"{trained} has tensors the base model lacks: {missing[:3]}")
         model.load_state_dict({k: v.to(round_to or dtype).to(dtype) for k, v in state.items()}, strict=False)
-    moes = install_moe(model, meta["experts"], meta["top_k"], meta["gating"], shared=meta["shared"] > 0)
+    moes = install_moe(model, meta["experts"], meta["top_k"], meta["gating"], shared=meta["shared"] > 0,
+                       dropped=meta.get("drop", 0) > 0)
     apply_conversion(moes, conv, round_to)
     return model.eval(), tokenizer, conv
 

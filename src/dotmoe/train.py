@@ -103,9 +103,12 @@ def collect_mlp_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.T
 
 
 def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Analytic router init: least-squares map x -> standardised per-expert activation norm ||H_e(x)||."""
-    h = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
-    scores = torch.stack([h[:, partition == e].norm(dim=-1) for e in range(num_experts)], dim=-1)
+    """Analytic router init: least-squares map x -> standardised norm of each expert's output contribution
+    ||(|h_i| * ||W_down[:, i]||)_{i in e}|| (output-aware: a neuron with a large down projection counts more)."""
+    from dotmoe.output_aware import neuron_contributions
+
+    contrib = neuron_contributions(mlp, x)
+    scores = torch.stack([contrib[:, partition == e].norm(dim=-1) for e in range(num_experts)], dim=-1)
     scores = (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
     ridge = 1e-3 * x.pow(2).mean()
     w = torch.linalg.solve(x.t() @ x + ridge * x.shape[0] * torch.eye(x.shape[1]), x.t() @ scores)
@@ -113,15 +116,24 @@ def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_e
 
 
 def layer_partition(kind: str, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor, shared: int,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's starting partition [N] (shared column = last expert id) for a partition `kind`, and the
-    method's own analytic router [E, d] when it has one (activation, hidden-kmeans-router)."""
-    from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
+                    gen: torch.Generator, drop: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's starting partition [N] (shared column = id E, dropped column = id E+1) for a partition `kind`,
+    and the method's own analytic router [E, d] when it has one (activation, hidden-kmeans-router).
 
+    With `drop` > 0 every kind first drops the `drop` least important neurons (output-aware importance, as
+    pruning does) and partitions the rest its own way, so all methods lose the same neurons."""
+    from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
+    from dotmoe.output_aware import coactivation_partition, with_dropped_neurons
+
+    if drop:
+        return with_dropped_neurons(lambda sub, xs, sub_caps: layer_partition(kind, sub, xs, sub_caps, shared, gen),
+                                    mlp, x, caps, drop)
     if kind == "activation":
         return activation_partition(mlp, x, caps, shared, gen)
     if kind == "hidden-kmeans-router":
         return hidden_kmeans_partition(mlp, x, caps, shared, gen)
+    if kind == "coactivation":
+        return coactivation_partition(mlp, x, caps, shared, gen), None
     if kind == "random":
         return random_partition(caps, gen), None
     if kind == "sequential":
@@ -140,7 +152,7 @@ def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Te
     routers when it has them."""
     gen = torch.Generator().manual_seed(cfg.seed)
     inputs = mlp_inputs or [None] * len(mlps)
-    pairs = [layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen) for mlp, x in zip(mlps, inputs)]
+    pairs = [layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop) for mlp, x in zip(mlps, inputs)]
     routers = [r for _, r in pairs]
     return torch.stack([p for p, _ in pairs]), None if routers[0] is None else routers
 
@@ -152,9 +164,9 @@ def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
 
     start = load_conversion(cfg.init_from)
     meta = start.meta
-    mine = {"experts": cfg.experts, "shared": cfg.shared, "num_layers": num_layers, "intermediate_size": num_neurons,
+    mine = {"experts": cfg.experts, "shared": cfg.shared, "drop": cfg.drop, "num_layers": num_layers, "intermediate_size": num_neurons,
             "capacities": caps.tolist()}
-    theirs = {k: meta.get(k) for k in mine}
+    theirs = {k: meta.get(k, 0 if k == "drop" else None) for k in mine}
     if theirs != mine:
         diff = ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in mine.items() if theirs[k] != v)
         raise DotMoeError(f"--init-from {cfg.init_from} does not match this conversion: {diff}")
@@ -273,11 +285,11 @@ class Prepared:
 
 def prepare(cfg: ConvertConfig) -> Prepared:
     """Load data (first: bad data fails before a large model loads), model and tokenizer; validate sizes."""
-    from dotmoe.paths import reference_data_file, reference_model_dir
+    from dotmoe.paths import default_data_file, reference_model_dir
 
     model_path = Path(cfg.model or reference_model_dir())
-    texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
-    eval_texts = load_texts(cfg.eval_data or [str(reference_data_file("validation"))])
+    texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
+    eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     named_mlps = find_gated_mlps(model)
     mlps = [m for _, m in named_mlps]
@@ -335,12 +347,13 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         partitions, analytic_routers = starting_point(cfg, len(mlps), num_neurons, caps)
         mlp_inputs = None
     else:
-        needs_inputs = cfg.init_router == "lstsq" or cfg.method in ("activation", "hidden-kmeans-router")
+        needs_inputs = cfg.init_router == "lstsq" or cfg.drop > 0 or \
+            partition_kind(cfg) in ("activation", "hidden-kmeans-router", "coactivation")
         mlp_inputs = prep.calibration_inputs(cfg) if needs_inputs else None
         partitions, analytic_routers = initial_partitions(cfg, mlps, caps, mlp_inputs)
 
     teacher = copy.deepcopy(model).eval() if cfg.trainable != "router+assignment" and cfg.kl_weight > 0 else None
-    moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0)
+    moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0, dropped=cfg.drop > 0)
     torch.manual_seed(cfg.seed)
     for layer, moe in enumerate(moes):
         moe.router.weight.data.normal_(std=moe.router.weight.shape[1] ** -0.5)
@@ -365,6 +378,10 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         groups.append({"params": weights, "lr": cfg.lr_weights, "name": "weights"})
     for m in moes:
         m.router.weight.requires_grad_(True)
+    if cfg.gradient_checkpointing and cfg.steps and getattr(model, "supports_gradient_checkpointing", False):
+        # keep only each decoder layer's input for the backward: on SmolLM2-135M (30 layers) the activations of a
+        # batch of 8 x 256 tokens otherwise dominate the conversion's memory
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     module = MoeTrainingModule(model, assigner, moes, cfg, teacher)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
@@ -492,7 +509,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                 save_trained_weights(out, weights)
             del weights
     summary = {
-        "method": cfg.method, "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "gating": cfg.gating,
+        "method": cfg.method, "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "drop": cfg.drop,
+        "gating": cfg.gating,
         "capacities": caps.tolist(), "intermediate_size": num_neurons, "num_layers": len(moes),
         "mlp_modules": mlp_names,
         "base_model": str(model_path.resolve()), "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
