@@ -30,8 +30,13 @@ def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """A local HF model directory with a valid config.json and safetensors weights, or a one-line error."""
-    path = Path(path)
+    """A local HF model directory with a valid config.json and safetensors weights, or a one-line error.
+
+    A `.gguf` file stands for its dequantized, cached HF directory (`dotmoe.gguf_input`), which is returned.
+    """
+    from dotmoe.gguf_input import resolve_model
+
+    path = resolve_model(path)
     if not path.is_dir():
         raise DotMoeError(f"model directory not found: {path}")
     config_file = path / "config.json"
@@ -47,7 +52,7 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load model + tokenizer from a local HF directory with one-line errors for bad input.
+    """Load model + tokenizer from a local HF directory (or a `.gguf` file) with one-line errors for bad input.
 
     Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
     """

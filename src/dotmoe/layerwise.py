@@ -158,12 +158,13 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, summary)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import reference_data_file, reference_model_dir
     from dotmoe.train import calibration_sequences, preflight, save_checkpoint
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    model_path = Path(cfg.model or reference_model_dir())
+    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
     check_model_dir(model_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)

@@ -273,9 +273,10 @@ class Prepared:
 
 def prepare(cfg: ConvertConfig) -> Prepared:
     """Load data (first: bad data fails before a large model loads), model and tokenizer; validate sizes."""
+    from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import reference_data_file, reference_model_dir
 
-    model_path = Path(cfg.model or reference_model_dir())
+    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
     eval_texts = load_texts(cfg.eval_data or [str(reference_data_file("validation"))])
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
