@@ -190,8 +190,8 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
+    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     check_model_dir(model_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     config._attn_implementation = "sdpa"  # causal masking without a mask tensor

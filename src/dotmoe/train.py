@@ -276,9 +276,9 @@ def prepare(cfg: ConvertConfig) -> Prepared:
     from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import reference_data_file, reference_model_dir
 
-    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     texts = load_texts(cfg.data or [str(reference_data_file("train_sample"))])
     eval_texts = load_texts(cfg.eval_data or [str(reference_data_file("validation"))])
+    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     named_mlps = find_gated_mlps(model)
     mlps = [m for _, m in named_mlps]
