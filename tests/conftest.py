@@ -23,6 +23,37 @@ def save_tiny_llama(path: Path, seed: int = 0, intermediate: int = 64, layers: i
     return path
 
 
+def save_tiny_gemma3(path: Path, seed: int = 0, intermediate: int = 48, layers: int = 3) -> Path:
+    """A tiny random Gemma-3 text model: sliding window 8 < seq_len on local layers, a global layer, scalar 16
+    != head_dim for the query scaling, norm weights away from their zero init (the (1 + w) scaling matters) and
+    weights 5x the default init, so logits are O(1-10) and a wrong computation shows."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(reference_model_dir())
+    types = ["sliding_attention", "full_attention"] * layers
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           max_position_embeddings=128, sliding_window=8, layer_types=types[:layers],
+                           query_pre_attn_scalar=16, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                           pad_token_id=0)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.mul_(5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

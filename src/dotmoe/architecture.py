@@ -30,24 +30,32 @@ def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """A local HF model directory with a valid config.json and safetensors weights, or a one-line error."""
-    path = Path(path)
+    """A local HF model directory with a valid config.json and safetensors weights, or a one-line error.
+
+    A `.gguf` file stands for its dequantized, cached HF directory (`dotmoe.gguf_input`), which is returned.
+    """
+    from dotmoe.gguf_input import resolve_model
+
+    path = resolve_model(path)
     if not path.is_dir():
         raise DotMoeError(f"model directory not found: {path}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise DotMoeError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
-        json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DotMoeError(f"{config_file} is not valid JSON: {exc}") from exc
+    if isinstance(config, dict) and config.get("model_type") == "gemma3" and "text_config" in config:
+        raise DotMoeError(f"{path} is a multimodal Gemma3ForConditionalGeneration; dotmoe converts its text model: "
+                          "save it as a Gemma3ForCausalLM directory (model_type gemma3_text) and pass that")
     if not any(path.glob("*.safetensors")):
         raise DotMoeError(f"{path} has no .safetensors weights (pickled .bin weights are refused for safety)")
     return path
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load model + tokenizer from a local HF directory with one-line errors for bad input.
+    """Load model + tokenizer from a local HF directory (or a `.gguf` file) with one-line errors for bad input.
 
     Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
     """

@@ -97,8 +97,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from dotmoe.evaluate import EvalConfig, evaluate, format_report
+    from dotmoe.gguf_input import resolve_model
 
-    out = Path(args.out) if args.out else Path(args.model) / "eval.json"
+    out = Path(args.out) if args.out else resolve_model(args.model) / "eval.json"  # a .gguf: in its HF directory
     cfg = EvalConfig(model=args.model, dense=args.dense or "", data=args.data or [], tokens=args.tokens,
                      recon_tokens=args.recon_tokens, tasks=args.tasks or [], task_dir=args.task_dir or "",
                      limit=args.limit, trust_remote_code=args.trust_remote_code, out=str(out))
@@ -125,8 +126,10 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DotMoeError("--device cuda but no CUDA device is available")
+    from dotmoe.gguf_input import resolve_model
+
     for d in (args.dense, args.moe):
-        if not (Path(d) / "config.json").is_file():
+        if not (resolve_model(d) / "config.json").is_file():
             raise DotMoeError(f"{d} is not a Hugging Face model directory (no config.json)")
     try:
         batches = [int(b) for b in str(args.batch).split(",")]

@@ -54,8 +54,10 @@ class EvalConfig:
 
 def _load(path: str, trust_remote_code: bool):
     from dotmoe.architecture import load_causal_lm
+    from dotmoe.gguf_input import resolve_model
 
-    cfg_file = Path(path) / "config.json"
+    path = resolve_model(path)
+    cfg_file = path / "config.json"
     if cfg_file.is_file() and "auto_map" in json.loads(cfg_file.read_text()) and not trust_remote_code:
         raise DotMoeError(f"{path} needs its own code (custom DotMoeForCausalLM); pass --trust-remote-code")
     model, tok = load_causal_lm(path, trust_remote_code=trust_remote_code)
@@ -193,7 +195,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     ids = tokenize_stream(tok, texts)[: cfg.tokens]
     report: dict = {"model": cfg.model, "config": asdict(cfg), "architecture": type(model).__name__,
                     "params": sum(p.numel() for p in model.parameters()), "ppl_tokens": len(ids)}
-    model_cfg = json.loads((Path(cfg.model) / "config.json").read_text())
+    from dotmoe.gguf_input import resolve_model
+
+    model_cfg = json.loads((resolve_model(cfg.model) / "config.json").read_text())
     if "dotmoe" in model_cfg:
         report["active_params"] = model_cfg["dotmoe"]["active_params"]
     report["ppl"] = perplexity(model, ids, cfg.seq_len, cfg.stride, batch_size=cfg.batch_size, progress=progress)

@@ -29,6 +29,7 @@ from dotmoe.export_formats import ExportPlan, moe_config, moe_keys, plan_export,
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 REMOTE_CODE = ("configuration_dotmoe.py", "modeling_dotmoe.py")
+SHARED_EXPERT_BASES = ("qwen2_moe", "gemma3_moe")  # MoE blocks with a (possibly size-0) sigmoid-gated shared expert
 _BASE_CLASS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,7 +147,7 @@ def _moe_tensors(conv: Conversion, plan: ExportPlan, layer: int, prefix: str, sr
         neurons = (part == e).nonzero().flatten()
         for name, t in zip(moe_keys(plan.base, prefix, e), _expert_tensors(gate, up, down, neurons, expert_size, scale)):
             yield name, t, True
-    if plan.base == "qwen2_moe":
+    if plan.base in SHARED_EXPERT_BASES:
         neurons = (part == experts).nonzero().flatten()  # shared column = last id; empty when shared == 0
         g, u, d = _expert_tensors(gate, up, down, neurons, shared, 2.0)
         for w, t in (("gate", g), ("up", u), ("down", d)):
@@ -242,8 +243,11 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
             from importlib.resources import files
 
             for f in REMOTE_CODE:
-                text = files("dotmoe").joinpath("assets", "remote_code", f).read_text()
-                (tmp / f).write_text(_fill_template(text, plan.base))
+                if plan.base == "gemma3_moe":  # its own files (Gemma-3 model, stock Qwen2-MoE blocks)
+                    text = files("dotmoe").joinpath("assets", "remote_code", f.replace(".py", "_gemma3.py")).read_text()
+                else:
+                    text = _fill_template(files("dotmoe").joinpath("assets", "remote_code", f).read_text(), plan.base)
+                (tmp / f).write_text(text)
         shutil.copy2(convert_dir / META_FILE, tmp / META_FILE)
         (tmp / "README.md").write_text(_model_card(cfg, plan, meta, params))
         parity = check_export(convert_dir, tmp, plan, check_tokens) if check_tokens else {}

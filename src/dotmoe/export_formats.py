@@ -4,6 +4,8 @@
     qwen3           -> Qwen3MoeForCausalLM     (norm_topk_prob, no shared expert)
     qwen2           -> Qwen2MoeForCausalLM     (shared expert, or size 0 with a zero gate)
     llama / mistral with a shared expert -> Qwen2MoeForCausalLM with qkv_bias=False (same math)
+    gemma3_text     -> DotMoeForCausalLM: stock Gemma3ForCausalLM with stock Qwen2-MoE sparse blocks as MLPs
+                       (custom class, always: no stock class computes Gemma-3 with routed experts)
 
 `mask` gating with k > 1 has no stock equivalent: it is exported exactly as `dotmoe`, a thin subclass of the
 stock class above shipped with the checkpoint (trust_remote_code), or approximately in the stock format.
@@ -39,8 +41,17 @@ class ExportPlan:
         return "DotMoeForCausalLM" if self.custom else STOCK_CLASSES[self.base]
 
 
+GEMMA3_NO_STOCK = ("no stock transformers class computes Gemma-3 with routed experts: exact custom class "
+                   "(stock Gemma3ForCausalLM + stock Qwen2-MoE sparse blocks, trust_remote_code)")
+
+
 def _base_for(dense: dict, shared: int) -> str:
     model_type = dense.get("model_type")
+    if model_type == "gemma3_text":
+        if dense.get("final_logit_softcapping") is not None:
+            raise DotMoeError("Gemma-3 with final_logit_softcapping is not supported (the training loss computes "
+                              "logits without it)")
+        return "gemma3_moe"
     if model_type in ("llama", "mistral"):
         if dense.get("attention_bias") or dense.get("mlp_bias"):
             raise DotMoeError(f"{model_type} with attention_bias/mlp_bias has no stock MoE equivalent "
@@ -61,7 +72,8 @@ def _base_for(dense: dict, shared: int) -> str:
         return "qwen3_moe"
     if model_type == "qwen2":
         return "qwen2_moe"
-    raise DotMoeError(f"no MoE export for model_type {model_type!r} (supported: llama, mistral, qwen2, qwen3)")
+    raise DotMoeError(f"no MoE export for model_type {model_type!r} (supported: llama, mistral, qwen2, qwen3, "
+                      "gemma3_text)")
 
 
 def plan_export(dense: dict, fmt: str, shared: int, gating: str, top_k: int) -> ExportPlan:
@@ -69,6 +81,11 @@ def plan_export(dense: dict, fmt: str, shared: int, gating: str, top_k: int) -> 
     if fmt not in FORMATS:
         raise DotMoeError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     base = _base_for(dense, shared)
+    if base == "gemma3_moe":
+        if fmt not in ("auto", "dotmoe"):
+            raise DotMoeError(f"a Gemma-3 model exports only as 'dotmoe' (custom class), not {fmt!r}: "
+                              f"{GEMMA3_NO_STOCK}")
+        return ExportPlan(base, True, True, GEMMA3_NO_STOCK)
     stock_exact = gating == "softmax" or top_k == 1
     if fmt in ("auto", "dotmoe"):
         custom = fmt == "dotmoe" or not stock_exact
@@ -87,7 +104,11 @@ def moe_config(dense: dict, plan: ExportPlan, *, experts: int, top_k: int, exper
                gating: str, dtype: str) -> dict:
     """config.json of the exported model (dense settings carried over, MoE keys added)."""
     cfg = {k: v for k, v in dense.items() if k not in _DROP_KEYS}
-    if plan.base == "mixtral":
+    if plan.base == "gemma3_moe":
+        cfg.update(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
+                   intermediate_size=expert_size, shared_expert_intermediate_size=shared, norm_topk_prob=True,
+                   hidden_act=dense.get("hidden_activation", "gelu_pytorch_tanh"), output_router_logits=False)
+    elif plan.base == "mixtral":
         cfg.update(num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
                    router_jitter_noise=0.0, output_router_logits=False)
         cfg.setdefault("sliding_window", None)

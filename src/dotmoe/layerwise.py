@@ -42,6 +42,32 @@ def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> Non
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(src.get(f"{prefix}.{name}").float())
+        if hasattr(module, "scalar_embed_scale"):  # Gemma's sqrt(d) embedding scale: a buffer, not in checkpoints
+            module.embed_scale.fill_(module.scalar_embed_scale)
+
+
+def _layer_inputs(rotary, config, hidden: torch.Tensor, positions: torch.Tensor, layer_names: list[str]) -> list[dict]:
+    """Per decoder layer, the position embeddings and attention mask the model's own forward would pass.
+
+    Models whose rotary embedding takes a `layer_type` (Gemma-3: local sliding-window layers with their own RoPE
+    base, global layers) get that layer type's cos/sin and mask; others one cos/sin for all and no mask (SDPA's
+    causal masking).
+    """
+    import inspect
+
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        shared = {"position_embeddings": rotary(hidden, positions)}
+        return [shared] * len(layer_names)
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    probe = hidden[:1]
+    per_type = {}
+    for kind in set(config.layer_types):
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        mask = make(config=config, inputs_embeds=probe, attention_mask=None, past_key_values=None,
+                    position_ids=positions)
+        per_type[kind] = {"position_embeddings": rotary(probe, positions, kind), "attention_mask": mask}
+    return [per_type[config.layer_types[i]] for i in range(len(layer_names))]
 
 
 @cache
@@ -158,13 +184,14 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, summary)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
     from dotmoe.train import calibration_sequences, preflight, save_checkpoint
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    model_path = Path(cfg.model or reference_model_dir())
     texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
+    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     check_model_dir(model_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     config._attn_implementation = "sdpa"  # causal masking without a mask tensor
@@ -199,7 +226,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     decoder = skeleton.get_decoder()
     rotary = type(decoder.rotary_emb)(config=config)
     positions = torch.arange(cfg.seq_len).unsqueeze(0)
-    cos_sin = rotary(hidden, positions)
+    inputs = _layer_inputs(rotary, config, hidden, positions, named)
     caps = torch.tensor(cfg.column_capacities(num_neurons))
 
     bar = tqdm(named[start:], desc="layerwise", unit="layer", disable=not progress, initial=start, total=len(named))
@@ -212,7 +239,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         hooks = [mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))),
                  mlp.register_forward_hook(lambda m, a, o: ys.append(o.reshape(-1, o.shape[-1])))]
         with torch.no_grad():
-            hidden = torch.cat([layer(h, position_embeddings=cos_sin, position_ids=positions)
+            hidden = torch.cat([layer(h, position_ids=positions, **inputs[i])
                                 for h in hidden.split(8)])
         for h in hooks:
             h.remove()

@@ -112,6 +112,9 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
     ...), so a slow spell of the machine (another process, frequency changes) hits every variant alike instead of
     biasing whichever model happened to run during it.
     """
+    from dotmoe.gguf_input import resolve_model
+
+    dense_dir, moe_dir = resolve_model(dense_dir), resolve_model(moe_dir)  # a .gguf: its dequantized HF directory
     dense_bytes, _ = weight_bytes(dense_dir)
     _, moe_active = weight_bytes(moe_dir)
     vocab = json.loads((Path(dense_dir) / "config.json").read_text())["vocab_size"]

@@ -285,11 +285,12 @@ class Prepared:
 
 def prepare(cfg: ConvertConfig) -> Prepared:
     """Load data (first: bad data fails before a large model loads), model and tokenizer; validate sizes."""
+    from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
 
-    model_path = Path(cfg.model or reference_model_dir())
     texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
     eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
+    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     named_mlps = find_gated_mlps(model)
     mlps = [m for _, m in named_mlps]
