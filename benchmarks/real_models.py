@@ -29,6 +29,7 @@ METHODS = ("dotmoe", "random", "weight-kmeans", "activation", "hidden-kmeans-rou
 
 
 def model_dir(name: str) -> Path:
+    """A real model by name (fetched and cached by dotmoe.real_models) or a local HF model directory."""
     from dotmoe.real_models import real_model_dir
 
     return real_model_dir(name) if not Path(name).is_dir() else Path(name)
@@ -38,7 +39,7 @@ def run_convert(model: Path, method: str, experts: int, top_k: int, tokens: int,
                 extra: list[str]) -> tuple[dict, dict]:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "dotmoe.cli", "convert", "--model", str(model),
            "--method", method, "--experts", str(experts), "--top-k", str(top_k), "--tokens", str(tokens),
-           "--seed", str(seed), "--out", str(out), "--export-format", "none", *extra]
+           "--seed", str(seed), "--out", str(out), "--export-format", "none", "--eval-tokens", "2048", *extra]
     if out.exists():
         import shutil
 
@@ -55,10 +56,6 @@ def run_convert(model: Path, method: str, experts: int, top_k: int, tokens: int,
 
 @torch.no_grad()
 def score(out: Path, method: str, eval_tokens: int, cloze: bool) -> dict:
-    from dotmoe.data import load_texts, tokenize_stream
-    from dotmoe.paths import reference_data_file
-    from dotmoe.perplexity import perplexity
-
     if method == "prune":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,35 +65,32 @@ def score(out: Path, method: str, eval_tokens: int, cloze: bool) -> dict:
         from dotmoe.sparse_model import load_sparse_model
 
         model, tok, _ = load_sparse_model(out)
-    res = {}
-    for name, split in (("wiki_test_ppl", "wiki_test"), ("pydocs_test_ppl", "test")):
-        ids = tokenize_stream(tok, load_texts([str(reference_data_file(split))]))
-        res[name] = round(perplexity(model, ids, 256, 128, max_tokens=eval_tokens), 3)
-    if cloze:
-        from dotmoe.evaluate import run_tasks
-
-        res["wiki_cloze_acc"] = round(run_tasks(model, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
-    return res
+    return _scores(model, tok, eval_tokens, cloze)
 
 
 def dense_scores(model: Path, eval_tokens: int, cloze: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    return _scores(m, AutoTokenizer.from_pretrained(model), eval_tokens, cloze)
+
+
+@torch.no_grad()
+def _scores(model, tok, eval_tokens: int, cloze: bool) -> dict:
+    """PPL on the first `eval_tokens` of the Wikipedia and Python-docs test splits (pydocs: half as many), and the
+    wiki_cloze accuracy."""
     from dotmoe.data import load_texts, tokenize_stream
     from dotmoe.paths import reference_data_file
     from dotmoe.perplexity import perplexity
 
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model)
     res = {}
-    with torch.no_grad():
-        for name, split in (("wiki_test_ppl", "wiki_test"), ("pydocs_test_ppl", "test")):
-            ids = tokenize_stream(tok, load_texts([str(reference_data_file(split))]))
-            res[name] = round(perplexity(m, ids, 256, 128, max_tokens=eval_tokens), 3)
+    for name, split, n in (("wiki_test_ppl", "wiki_test", eval_tokens), ("pydocs_test_ppl", "test", eval_tokens // 2)):
+        ids = tokenize_stream(tok, load_texts([str(reference_data_file(split))]))
+        res[name] = round(perplexity(model, ids, 256, 128, max_tokens=n), 3)
     if cloze:
         from dotmoe.evaluate import run_tasks
 
-        res["wiki_cloze_acc"] = round(run_tasks(m, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
+        res["wiki_cloze_acc"] = round(run_tasks(model, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
     return res
 
 
@@ -120,7 +114,7 @@ def render(records: list[dict]) -> str:
         for r in rows:
             ratio = r["wiki_test_ppl"] / dense["wiki_test_ppl"] if dense else float("nan")
             lines.append(f"| {r['active_ffn']:.0%} | {r['experts']} / {r['top_k']} | {r['shared']} / {r['drop']} "
-                         f"| {r['tokens']:,} | {r['method']} | {r['seed']} | {r['wiki_test_ppl']:.2f} | {ratio:.2f} "
+                         f"| {r['tokens']:,} | {' '.join([r['method'], *r.get('extra', [])])} | {r['seed']} | {r['wiki_test_ppl']:.2f} | {ratio:.2f} "
                          f"| {r['pydocs_test_ppl']:.2f} | {r.get('wiki_cloze_acc', '')} | {r['wall_s']} "
                          f"| {r.get('tokens_per_s', '')} | {r['peak_rss_mb']} |")
         lines.append("")

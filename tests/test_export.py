@@ -191,7 +191,7 @@ def test_convert_exports_trained_expert_weights_exactly(tiny_llama_dir, tiny_tex
     from dotmoe.config import ConvertConfig
     from dotmoe.train import convert
 
-    cfg = ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
+    cfg = ConvertConfig(shared_fraction=0.0, model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
                         out=str(tmp_path / "conv"), experts=4, top_k=2, tokens=4 * 4 * 32, seq_len=32, batch_size=4,
                         eval_tokens=256, calib_tokens=256, trainable="experts", lr_weights=1e-2, seed=0)
     summary = convert(cfg, progress=False).summary

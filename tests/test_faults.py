@@ -18,7 +18,8 @@ from dotmoe.train import MoeTrainingModule, convert
 
 
 def _cfg(model, data, out, **kw):
-    base = dict(model=str(model), data=[str(data)], eval_data=[str(data)], out=str(out), experts=4, top_k=2,
+    base = dict(shared_fraction=0.0,  # these tests exercise the plain MoE
+                model=str(model), data=[str(data)], eval_data=[str(data)], out=str(out), experts=4, top_k=2,
                 tokens=12 * 4 * 32, seq_len=32, batch_size=4, eval_tokens=256, calib_tokens=256, checkpoint_every=2,
                 seed=5, export_format="none")
     base.update(kw)

@@ -29,6 +29,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int)
     p.add_argument("--top-k", type=int)
     p.add_argument("--shared", type=int, help="always-on shared expert size in neurons (0 = none)")
+    p.add_argument("--shared-fraction", type=float, help="share of the active budget (k/E of the neurons) spent on "
+                   "an always-on shared expert, the least useful neurons dropped to hold the budget (default 0.5; 0 = "
+                   "a plain MoE); --shared/--drop set neuron counts instead")
     p.add_argument("--drop", type=int, help="neurons removed entirely (needs --shared; with the shared expert it "
                    "keeps the active budget: drop = shared * (E / k - 1))")
     p.add_argument("--init-affinity", help="dotmoe's starting partition: coactivation | weight-kmeans | random")
@@ -40,6 +43,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--trainable", help="router+assignment | experts | full")
+    p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data scored for perplexity (default 32768)")
+    p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
+                   "(default 16384)")
     p.add_argument("--eval-every", type=int, help="evaluate validation perplexity every N steps (0 = end only)")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")
@@ -253,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="DOT-MoE vs random split on the bundled reference model")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--tokens", type=int, default=500_000)
+    p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data scored for perplexity (default 32768)")
+    p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
+                   "(default 16384)")
     p.add_argument("--eval-every", type=int, default=20, help="validation PPL every N steps")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("info", help="paths and numbers of the bundled reference model and data")

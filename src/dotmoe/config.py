@@ -179,6 +179,21 @@ class ConvertConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def fit_shared_to_export(self, dense_config: dict) -> str:
+        """When the shared expert comes from the default `shared_fraction` but the model's MoE format has no shared
+        expert (Qwen3-MoE; Mistral's sliding window in Qwen2-MoE), fall back to a plain MoE (shared_fraction 0) and
+        return a one-line warning ('' when nothing changed). An explicit --shared is left to fail at export."""
+        from dotmoe.export_formats import plan_export
+
+        if self.shared is not None or not self.shared_fraction or self.export_format == "none":
+            return ""
+        try:
+            plan_export(dense_config, self.export_format, 1, self.gating, self.top_k)
+        except DotMoeError as exc:
+            self.shared_fraction = 0.0
+            return f"warning: no always-on shared expert for this model ({exc}); converting a plain MoE instead"
+        return ""
+
     def resolve_shared(self, num_neurons: int) -> None:
         """Turn `shared_fraction` into neuron counts for a model with `num_neurons` FFN neurons (in place)."""
         if self.shared is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -200,6 +201,9 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     named = find_gated_mlps(skeleton)
     num_neurons = named[0][1].gate_proj.out_features
+    warning = cfg.fit_shared_to_export(config.to_dict())
+    if warning:
+        print(warning, file=sys.stderr)
     cfg.validate_for(num_neurons)
     if len(tokenizer) > config.vocab_size:
         raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")

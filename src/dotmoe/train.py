@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +295,9 @@ def prepare(cfg: ConvertConfig) -> Prepared:
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     named_mlps = find_gated_mlps(model)
     mlps = [m for _, m in named_mlps]
+    warning = cfg.fit_shared_to_export(model.config.to_dict())
+    if warning:
+        print(warning, file=sys.stderr)
     cfg.validate_for(mlps[0].gate_proj.out_features)
     seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
     if len(seqs) < cfg.batch_size:
