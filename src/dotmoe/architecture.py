@@ -38,11 +38,14 @@ def check_model_dir(path: str | Path) -> Path:
     if not config_file.is_file():
         raise DotMoeError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
-        json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DotMoeError(f"{config_file} is not valid JSON: {exc}") from exc
-    if not any(path.glob("*.safetensors")):
-        raise DotMoeError(f"{path} has no .safetensors weights (pickled .bin weights are refused for safety)")
+    if not isinstance(config, dict):
+        raise DotMoeError(f"{config_file} is not a JSON object")
+    from dotmoe.guards import model_weight_files
+
+    model_weight_files(path)  # its own weight files (never a stray *.safetensors beside them) exist and are readable
     return path
 
 
