@@ -207,12 +207,14 @@ def load_conversion(path: str | Path, require_complete: bool = True) -> Conversi
 def _check_base_model(meta: dict, hidden: int, meta_file: Path) -> None:
     """When the dense model's config.json is readable, its shapes are the conversion's."""
     config = Path(meta["base_model"]) / "config.json"
+    if not config.is_file():
+        return  # a missing base model is reported by whoever needs its weights
     try:
         dense = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return  # a missing base model is reported by whoever needs its weights
+    except (OSError, ValueError) as exc:
+        raise DotMoeError(f"the base model's {config} of this conversion is unreadable: {exc}") from exc
     if not isinstance(dense, dict):
-        return
+        raise DotMoeError(f"the base model's {config} of this conversion is not a JSON object")
     dense = dense.get("text_config", dense) if isinstance(dense.get("text_config"), dict) else dense
     mine = {"num_hidden_layers": meta["num_layers"], "intermediate_size": meta["intermediate_size"],
             "hidden_size": hidden}

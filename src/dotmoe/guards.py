@@ -216,7 +216,8 @@ def check_convert_output(cfg) -> None:
         raise DotMoeError("--resume continues the run in --out and --overwrite starts it over; pass only one")
     state = output_state(out)
     if state == "file":
-        raise DotMoeError(f"--out {out} exists and is not a directory")
+        raise DotMoeError(f"--out {out} " + ("is a dangling symbolic link" if out.is_symlink() and not out.exists()
+                                             else "exists and is not a directory"))
     check_separate(out, {"model": [cfg.model or reference_model_dir()],
                          "data file": cfg.data or [reference_data_file("train_sample")],
                          "evaluation data file": cfg.eval_data or [reference_data_file("validation")],
@@ -243,8 +244,9 @@ def _peek_settings(path: Path):
     """The settings recorded in a checkpoint (memory-mapped: nothing large is read), or None."""
     try:
         state = torch.load(path, weights_only=True, mmap=True)
-    except Exception:  # reported, with its remedy, when the run reads it
-        return None
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise DotMoeError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}); rerun with "
+                          "--overwrite instead of --resume to start over") from exc
     return state.get("config") if isinstance(state, dict) else None
 
 
