@@ -175,6 +175,9 @@ def test_resume_needs_a_checkpoint(work, reference, tmp_path, capsys):
                      (_copy(finished, tmp_path / "done"), "holds a finished conversion")]:
         line = cli_error(argv + ["--out", str(out), "--resume"], capsys)
         assert "nothing to resume" in line and why in line
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "checkpoint.pt").write_bytes(b"\0" * 100)
+    assert "cannot read the checkpoint" in cli_error(argv + ["--out", str(tmp_path / "garbage"), "--resume"], capsys)
     assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
 
 
@@ -289,6 +292,9 @@ EDITS = {  # name: (edit of a finished conversion, what the one line must say)
                                                                      mlp_modules=m["mlp_modules"] + ["x"])),
                          "missing router.2"),
     "no COMPLETE": (lambda c: (c / "COMPLETE").unlink(), "unfinished conversion"),
+    "base config garbage": (lambda c: ((c.parent / "base").mkdir(), (c.parent / "base" / "config.json").write_text("{"),
+                                       _edit_meta(c, lambda m: m.update(base_model=str(c.parent / "base")))),
+                            "config.json is unreadable"),
 }
 
 

@@ -212,9 +212,9 @@ def _check_base_model(meta: dict, hidden: int, meta_file: Path) -> None:
     try:
         dense = json.loads(config.read_text())
     except (OSError, ValueError) as exc:
-        raise DotMoeError(f"the base model's {config} of this conversion is unreadable: {exc}") from exc
+        raise DotMoeError(f"{meta_file}: its base model's {config} is unreadable: {exc}") from exc
     if not isinstance(dense, dict):
-        raise DotMoeError(f"the base model's {config} of this conversion is not a JSON object")
+        raise DotMoeError(f"{meta_file}: its base model's {config} is not a JSON object")
     dense = dense.get("text_config", dense) if isinstance(dense.get("text_config"), dict) else dense
     mine = {"num_hidden_layers": meta["num_layers"], "intermediate_size": meta["intermediate_size"],
             "hidden_size": hidden}
