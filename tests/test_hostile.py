@@ -383,10 +383,12 @@ def test_too_little_evaluation_data_is_refused(work, reference, exported, tmp_pa
     ("eval_every: -1", "eval_every must be >= 0"), ("eval_tokens: 4", "eval_tokens must be >= 128"),
     ("tau_end: .inf", "tau_end must be a finite number"), ("out: ''", "out must be a directory path"),
 ])
-def test_config_numbers_are_range_checked(line, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_config_numbers_are_range_checked(line, message, tiny_llama_dir, tiny_text, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (the default --out is relative)
     (tmp_path / "c.yaml").write_text(line + "\n")
-    assert message in cli_error(["convert", "--config", "c.yaml"], capsys)
+    small = ["--model", str(tiny_llama_dir), "--data", str(tiny_text), "--experts", "4", "--seq-len", "32",
+             "--tokens", "0", "--export-format", "none"]  # were a check missing, this would finish at once with 0
+    assert message in cli_error(["convert", "--config", "c.yaml", *small], capsys)
     assert os.listdir(tmp_path) == ["c.yaml"]
 
 
