@@ -24,8 +24,8 @@ from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 from dotmoe.errors import DotMoeError, Interrupted
-from dotmoe.guards import (CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_seq_len,
-                           prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
+from dotmoe.guards import (CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
+                           check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
@@ -151,7 +151,6 @@ def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
                    caps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Partition [L, N] and routers of the conversion in `cfg.init_from`, checked against this conversion's shape."""
     from dotmoe.artifacts import load_conversion
-
     from dotmoe.paths import reference_model_dir
 
     start = load_conversion(cfg.init_from)
@@ -221,8 +220,6 @@ def load_checkpoint(path: Path) -> dict:
 
 def _load_joint_checkpoint(path: Path, cfg: ConvertConfig, steps: int) -> dict:
     """The joint mode's checkpoint, checked: its structure, and that it was written with this run's settings."""
-    from dotmoe.guards import check_resume_settings, resume_key
-
     state = load_checkpoint(path)
     check_resume_settings(path, state.get("config"), resume_key(cfg))
     kinds = {"params": dict, "optimizer": dict, "scheduler": dict, "rng": torch.Tensor, "step": int}
