@@ -67,3 +67,47 @@ def tiny_text(tmp_path_factory) -> Path:
     g = torch.Generator().manual_seed(0)
     path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (6000,), generator=g).tolist()))
     return path
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI in process; assert exit code 2, no traceback and exactly one `dotmoe:` line on stderr (the rest
+    of stderr is transformers' own loading progress); return that line."""
+    from dotmoe.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dotmoe:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err[-2000:])
+    return lines[0]
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (relative name -> bytes): compare before and after to prove nothing was touched."""
+    path = Path(path)
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def tiny_convert_argv(config_dir: Path, model: Path, data: Path, out: Path, **settings) -> list[str]:
+    """`dotmoe convert` argv for a few-second conversion of a tiny model (settings go through a YAML config)."""
+    values = dict(experts=4, top_k=2, tokens=12 * 4 * 32, seq_len=32, batch_size=4, seed=5, checkpoint_every=2,
+                  eval_tokens=256, calib_tokens=256, export_format="none")
+    values.update(settings)
+    import hashlib
+
+    config = Path(config_dir) / f"convert-{hashlib.sha1(repr(sorted(values.items())).encode()).hexdigest()[:12]}.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    return ["convert", "--config", str(config), "--model", str(model), "--data", str(data), "--eval-data", str(data),
+            "--out", str(out)]
+
+
+@pytest.fixture(scope="session")
+def joint_reference(tiny_llama_dir, tiny_text, tmp_path_factory):
+    """(convert argv without --out, output) of an uninterrupted 20-step conversion, checkpoint every 5 steps: what
+    every killed, interrupted or failed run of the same argv must resume to."""
+    from dotmoe.cli import main
+
+    tmp = tmp_path_factory.mktemp("joint_reference")
+    argv = tiny_convert_argv(tmp, tiny_llama_dir, tiny_text, tmp / "full", tokens=20 * 4 * 32, seed=7,
+                             checkpoint_every=5)[:-2]
+    assert main(argv + ["--out", str(tmp / "full")]) == 0
+    return argv, tmp / "full"

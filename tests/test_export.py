@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dotmoe.artifacts import save_conversion
+from dotmoe.artifacts import mark_complete, save_conversion
 from dotmoe.errors import DotMoeError
 from dotmoe.export import export
 from dotmoe.export_formats import plan_export
@@ -53,6 +53,7 @@ def fake_conversion(model_dir, out, experts=4, top_k=2, gating="softmax", shared
             "val_ppl": None, "dense_val_ppl": None, "config": {}}
     out.mkdir(parents=True)
     save_conversion(out, partition, routers, None, meta)
+    mark_complete(out)
     return out
 
 

@@ -1,7 +1,9 @@
-"""Faults of long jobs: kill -9 and resume, non-finite steps, unwritable/full disks, and bad input writing nothing."""
+"""Faults of long jobs: kill -9, SIGINT and SIGTERM then resume, non-finite steps, unwritable/full disks, and bad
+input writing nothing."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import save_tiny_llama, tiny_convert_argv
 
 from dotmoe.artifacts import load_conversion
 from dotmoe.cli import main
@@ -30,35 +33,105 @@ def _records(out):
     return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_kill_9_mid_training_then_resume_equals_uninterrupted(tiny_llama_dir, tiny_text, tmp_path):
-    steps = 300
-    config = tmp_path / "c.yaml"
-    config.write_text(f"experts: 4\ntop_k: 2\ntokens: {steps * 4 * 32}\nseq_len: 32\nbatch_size: 4\nseed: 7\n"
-                      "checkpoint_every: 5\neval_tokens: 256\ncalib_tokens: 256\nexport_format: none\n")
-    argv = ["convert", "--config", str(config), "--model", str(tiny_llama_dir), "--data", str(tiny_text),
-            "--eval-data", str(tiny_text)]
-    assert main(argv + ["--out", str(tmp_path / "full")]) == 0
-    full = load_conversion(tmp_path / "full")
+@pytest.fixture(scope="module")
+def layerwise_run(tiny_text, tmp_path_factory):
+    """The same for the layer-wise mode, on a 4-layer model (a checkpoint after each of the first 3 layers)."""
+    tmp = tmp_path_factory.mktemp("layerwise")
+    model = save_tiny_llama(tmp / "model", layers=4)
+    argv = tiny_convert_argv(tmp, model, tiny_text, tmp / "full", mode="layerwise", layer_steps=30,
+                             calib_tokens=1024)[:-2]
+    assert main(argv + ["--out", str(tmp / "full")]) == 0
+    return argv, tmp / "full"
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dotmoe.cli", *argv, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def _start(argv, out, log):
+    """The conversion in a subprocess (stderr to a file: a full pipe would block it)."""
+    return subprocess.Popen([sys.executable, "-m", "dotmoe.cli", *argv, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"))
+
+
+def _wait_until(proc, ready, what):
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        log = out / "train_log.jsonl"
-        if (out / "checkpoint.pt").exists() and log.exists() and len(log.read_text().splitlines()) >= 12:
-            break
+    while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    assert proc.poll() is None, f"the run finished before {what}; make it longer"
+
+
+def _log_steps(out):
+    log = out / "train_log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def _same_joint_result(out, full):
+    resumed, reference = load_conversion(out), load_conversion(full)
+    assert torch.equal(resumed.partition, reference.partition)
+    final = [r for r in _records(out) if "loss" in r]
+    assert [r["step"] for r in final] == list(range(1, reference.meta["steps"] + 1))
+    assert final[-1]["loss"] == pytest.approx(reference.meta["final_terms"]["loss"], rel=1e-6)
+    assert resumed.meta["final_terms"]["loss"] == pytest.approx(reference.meta["final_terms"]["loss"], rel=1e-6)
+
+
+def test_kill_9_mid_training_then_resume_equals_uninterrupted(joint_reference, tmp_path):
+    argv, full = joint_reference
+    out = tmp_path / "killed"
+    proc = _start(argv, out, tmp_path / "err")
+    _wait_until(proc, lambda: (out / "checkpoint.pt").exists() and _log_steps(out) >= 7, "a checkpoint")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "dotmoe_meta.json").exists()
+    assert not (out / "dotmoe_meta.json").exists() and not (out / "COMPLETE").exists()
     assert main(argv + ["--out", str(out), "--resume"]) == 0
-    resumed = load_conversion(out)
-    assert torch.equal(resumed.partition, full.partition)
-    final = [r for r in _records(out) if "loss" in r]
-    assert [r["step"] for r in final] == list(range(1, steps + 1))
-    assert final[-1]["loss"] == pytest.approx(full.meta["final_terms"]["loss"], rel=1e-6)
+    _same_joint_result(out, full)
+
+
+def _stopped(proc, signum, log):
+    """Send `signum`; the run must stop within seconds with one line that says how to go on."""
+    t0 = time.time()
+    proc.send_signal(signum)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    lines = [line for line in err.splitlines() if line.startswith("dotmoe:")]
+    assert proc.returncode == 128 + signum and "Traceback" not in err and len(lines) == 1, err[-2000:]
+    assert time.time() - t0 < 30 and f"interrupted by {signal.Signals(signum).name}" in lines[0]
+    return lines[0]
+
+
+def _resume_as_told(line):
+    """Run the exact command the interrupted run printed."""
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[0] == "dotmoe" and command[-1] == "--resume"
+    assert main(command[1:]) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_at_a_step_boundary_and_resume_ends_like_an_uninterrupted_run(signum, joint_reference,
+                                                                                        tmp_path):
+    argv, full = joint_reference
+    out = tmp_path / "run"
+    proc = _start(argv, out, tmp_path / "err")
+    _wait_until(proc, lambda: _log_steps(out) >= 3, "3 steps")
+    line = _stopped(proc, signum, tmp_path / "err")
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert f"at step {step} of 20 (checkpoint saved" in line and step >= 3
+    assert _log_steps(out) == step and not (out / "dotmoe_meta.json").exists() and not (out / "COMPLETE").exists()
+    _resume_as_told(line)
+    _same_joint_result(out, full)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_layerwise_conversion_resumes_to_the_same_result(signum, layerwise_run, tmp_path):
+    from dotmoe.guards import LAYERWISE_CHECKPOINT
+
+    argv, full = layerwise_run
+    out = tmp_path / "run"
+    proc = _start(argv, out, tmp_path / "err")
+    _wait_until(proc, lambda: (out / LAYERWISE_CHECKPOINT).exists(), "its first checkpoint")
+    line = _stopped(proc, signum, tmp_path / "err")
+    assert (out / LAYERWISE_CHECKPOINT).is_file() and not (out / "dotmoe_meta.json").exists()
+    _resume_as_told(line)
+    resumed, reference = load_conversion(out), load_conversion(full)
+    assert torch.equal(resumed.partition, reference.partition)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.routers, reference.routers))
+    assert resumed.meta["layer_errors"] == reference.meta["layer_errors"]
 
 
 def test_non_finite_step_is_reverted_logged_and_skipped(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):

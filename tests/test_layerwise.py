@@ -154,7 +154,7 @@ def test_layerwise_crash_then_resume_redoes_only_the_unfinished_layer(tiny_llama
         convert(_cfg(tiny_llama_dir, tiny_text, out, **common), progress=False)
     assert (out / layerwise.LAYERWISE_CHECKPOINT).is_file() and not (out / "dotmoe_meta.json").exists()
 
-    with pytest.raises(DotMoeError, match=r"written with other settings \(layer_steps\)"):
+    with pytest.raises(DotMoeError, match=r"written with other settings \(layer_steps 10 -> 11\)"):
         convert(_cfg(tiny_llama_dir, tiny_text, out, resume=True, layer_steps=11, export_format="none"),
                 progress=False)
     calls.clear()

@@ -46,11 +46,14 @@ def check_model_dir(path: str | Path) -> Path:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DotMoeError(f"{config_file} is not valid JSON: {exc}") from exc
-    if isinstance(config, dict) and config.get("model_type") == "gemma3" and "text_config" in config:
+    if not isinstance(config, dict):
+        raise DotMoeError(f"{config_file} is not a JSON object")
+    if config.get("model_type") == "gemma3" and "text_config" in config:
         raise DotMoeError(f"{path} is a multimodal Gemma3ForConditionalGeneration; dotmoe converts its text model: "
                           "save it as a Gemma3ForCausalLM directory (model_type gemma3_text) and pass that")
-    if not any(path.glob("*.safetensors")):
-        raise DotMoeError(f"{path} has no .safetensors weights (pickled .bin weights are refused for safety)")
+    from dotmoe.guards import model_weight_files
+
+    model_weight_files(path)  # its own weight files (never a stray *.safetensors beside them) exist and are readable
     return path
 
 

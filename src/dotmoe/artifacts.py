@@ -11,34 +11,49 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dotmoe.errors import DotMoeError
+from dotmoe.guards import CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT
 
 ASSIGNMENT_FILE = "assignment.safetensors"
 META_FILE = "dotmoe_meta.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # only when the dense weights were trained too
 
 
+def _atomic_write(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`: a failure (full disk, signal) removes the temporary file and leaves
+    any previous `path` intact; OSErrors become a one-line error."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise DotMoeError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
 def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tensor], model, summary: dict) -> None:
     """Write assignment.safetensors (partition [L, N], router.{l} [E, d]) and dotmoe_meta.json atomically."""
     tensors = {"partition": partition.to(torch.int64).contiguous()}
     tensors.update({f"router.{i}": w.float().contiguous() for i, w in enumerate(routers)})
-    tmp = out / (ASSIGNMENT_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "dotmoe-assignment-v1"})
-    os.replace(tmp, out / ASSIGNMENT_FILE)
+    _atomic_write(out / ASSIGNMENT_FILE,
+                  lambda tmp: save_file(tensors, str(tmp), metadata={"format": "dotmoe-assignment-v1"}))
     write_meta(out, summary)
 
 
 def write_meta(out: Path, summary: dict) -> None:
     """Write (or rewrite) dotmoe_meta.json atomically."""
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / META_FILE)
+    _atomic_write(out / META_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+
+def mark_complete(out: Path) -> None:
+    """The last write of a conversion: only a directory with this marker is a finished result."""
+    _atomic_write(out / COMPLETE, lambda tmp: tmp.write_text("dotmoe conversion finished\n"))
 
 
 def save_trained_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
     """Write the dense weights of a model whose FFN/other weights were trained (`trained_weights`' output)."""
-    tmp = out / (TRAINED_WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / TRAINED_WEIGHTS_FILE)
+    _atomic_write(out / TRAINED_WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 def trained_weights(model, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -71,17 +86,139 @@ class Conversion:
     meta: dict
 
 
-def load_conversion(path: str | Path) -> Conversion:
-    """Read a `dotmoe convert` output directory, with clear errors if it is incomplete or corrupt."""
+def read_meta(path: str | Path, require_complete: bool = True) -> dict:
+    """The validated dotmoe_meta.json of a conversion directory. Refuses a directory that is not a conversion, an
+    unfinished one (no COMPLETE marker, unless `require_complete` is off) and a record with missing fields or
+    wrong types or values."""
     path = Path(path)
-    if not (path / ASSIGNMENT_FILE).is_file() or not (path / META_FILE).is_file():
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        raise DotMoeError(f"{path} is not a complete dotmoe convert output (not a directory)")
+    if not meta_file.exists() and not (path / CHECKPOINT).exists() and not (path / LAYERWISE_CHECKPOINT).exists():
         raise DotMoeError(f"{path} is not a complete dotmoe convert output (needs {ASSIGNMENT_FILE} and {META_FILE})")
+    if require_complete and not (path / COMPLETE).is_file():
+        raise DotMoeError(f"{path} is an unfinished conversion (no {COMPLETE} marker: interrupted, failed or still "
+                          f"running); finish it with `dotmoe convert ... --out {path} --resume`")
     try:
-        meta = json.loads((path / META_FILE).read_text())
-        tensors = load_file(str(path / ASSIGNMENT_FILE))
-    except Exception as exc:  # JSON or safetensors corruption
-        raise DotMoeError(f"corrupt convert output in {path}: {exc}") from exc
-    layers = meta.get("num_layers")
-    if "partition" not in tensors or layers is None or any(f"router.{i}" not in tensors for i in range(layers)):
-        raise DotMoeError(f"corrupt convert output in {path}: missing partition or router tensors")
-    return Conversion(tensors["partition"], [tensors[f"router.{i}"] for i in range(layers)], meta)
+        if not meta_file.is_file():
+            raise ValueError("missing or not a regular file")
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DotMoeError(f"corrupt convert output: {meta_file}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise DotMoeError(f"corrupt convert output: {meta_file} is not a JSON object")
+    _check_meta(meta, meta_file)
+    return meta
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_meta(meta: dict, meta_file: Path) -> None:
+    def bad(what: str):
+        return DotMoeError(f"corrupt convert output: {meta_file}: {what}")
+
+    for key, ok, kind in [("method", lambda v: isinstance(v, str), "a string"),
+                          ("base_model", lambda v: isinstance(v, str) and v, "a path"),
+                          ("num_layers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+                          ("intermediate_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+                          ("experts", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+                          ("top_k", lambda v: _is_int(v) and 1 <= v, "an integer >= 1"),
+                          ("shared", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+                          ("mlp_modules", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
+                           "a list of module names")]:
+        if key not in meta:
+            raise bad(f"missing {key!r}")
+        if not ok(meta[key]):
+            raise bad(f"{key!r} must be {kind}, got {meta[key]!r}")
+    if len(meta["mlp_modules"]) != meta["num_layers"]:
+        raise bad(f"{len(meta['mlp_modules'])} mlp_modules for {meta['num_layers']} layers")
+    if meta["method"] == "prune":
+        return
+    from dotmoe.router import GATING_MODES
+
+    experts, shared, caps = meta["experts"], meta["shared"], meta.get("capacities")
+    if not meta["top_k"] < experts:
+        raise bad(f"top_k {meta['top_k']} must be smaller than experts {experts}")
+    if meta.get("gating") not in GATING_MODES:
+        raise bad(f"'gating' must be one of {', '.join(GATING_MODES)}, got {meta.get('gating')!r}")
+    columns = experts + (1 if shared else 0)
+    if not isinstance(caps, list) or len(caps) != columns or not all(_is_int(c) and c >= 1 for c in caps):
+        raise bad(f"'capacities' must be {columns} integers >= 1, got {caps!r}")
+    if shared and caps[-1] != shared:
+        raise bad(f"the shared capacity {caps[-1]} is not shared={shared}")
+    if sum(caps) != meta["intermediate_size"]:
+        raise bad(f"capacities sum to {sum(caps)}, not intermediate_size {meta['intermediate_size']}")
+
+
+def load_conversion(path: str | Path, require_complete: bool = True) -> Conversion:
+    """Read a `dotmoe convert` output directory: the one reader of its record and assignment tensors (export,
+    eval, the sparse reference model, --init-from), with a one-line error naming the file and what is wrong."""
+    path = Path(path)
+    meta = read_meta(path, require_complete)
+    if meta["method"] == "prune":
+        raise DotMoeError(f"{path} is a pruned dense model (--method prune), not an MoE conversion; it is already "
+                          f"exported in {path / 'model'}")
+    file = path / ASSIGNMENT_FILE
+    try:
+        if not file.is_file():
+            raise ValueError("missing or not a regular file")
+        tensors = load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for truncated or foreign files
+        raise DotMoeError(f"corrupt convert output: {file}: {exc}") from exc
+    layers, neurons, experts = meta["num_layers"], meta["intermediate_size"], meta["experts"]
+    caps = meta["capacities"]
+
+    def bad(what: str):
+        return DotMoeError(f"corrupt convert output: {file}: {what}")
+
+    expected = {"partition"} | {f"router.{i}" for i in range(layers)}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise bad(f"{'missing ' + ', '.join(missing[:3]) if missing else ''}"
+                  f"{'; ' if missing and extra else ''}{'unexpected ' + ', '.join(extra[:3]) if extra else ''} "
+                  f"(meta says {layers} layers)")
+    partition = tensors["partition"]
+    if partition.dtype.is_floating_point or partition.dtype == torch.bool or partition.is_complex():
+        raise bad(f"partition must hold integer expert ids, not {partition.dtype}")
+    if tuple(partition.shape) != (layers, neurons):
+        raise bad(f"partition has shape {list(partition.shape)}, expected [{layers}, {neurons}] (layers, neurons)")
+    partition = partition.to(torch.int64)
+    lo, hi = int(partition.min()), int(partition.max())
+    if lo < 0 or hi >= len(caps):
+        raise bad(f"partition holds expert id {hi if hi >= len(caps) else lo}, valid ids are 0..{len(caps) - 1} "
+                  f"({experts} experts{' + the shared column' if meta['shared'] else ''})")
+    for layer, row in enumerate(partition):
+        counts = torch.bincount(row, minlength=len(caps)).tolist()
+        if counts != caps:
+            e = next(i for i, (c, k) in enumerate(zip(counts, caps)) if c != k)
+            raise bad(f"layer {layer}: expert {e} holds {counts[e]} neurons, its capacity is {caps[e]}")
+    routers = [tensors[f"router.{i}"] for i in range(layers)]
+    for i, r in enumerate(routers):
+        if not r.dtype.is_floating_point or r.dim() != 2 or r.shape[0] != experts or r.shape != routers[0].shape:
+            raise bad(f"router.{i} has shape {list(r.shape)} ({r.dtype}), expected [{experts}, hidden] floats")
+        if not bool(torch.isfinite(r).all()):
+            raise bad(f"router.{i} holds non-finite values (NaN/inf): the trained weights are broken")
+    _check_base_model(meta, routers[0].shape[1], meta_file=path / META_FILE)
+    return Conversion(partition, [r.float() for r in routers], meta)
+
+
+def _check_base_model(meta: dict, hidden: int, meta_file: Path) -> None:
+    """When the dense model's config.json is readable, its shapes are the conversion's."""
+    config = Path(meta["base_model"]) / "config.json"
+    if not config.is_file():
+        return  # a missing base model is reported by whoever needs its weights
+    try:
+        dense = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise DotMoeError(f"{meta_file}: its base model's {config} is unreadable: {exc}") from exc
+    if not isinstance(dense, dict):
+        raise DotMoeError(f"{meta_file}: its base model's {config} is not a JSON object")
+    dense = dense.get("text_config", dense) if isinstance(dense.get("text_config"), dict) else dense
+    mine = {"num_hidden_layers": meta["num_layers"], "intermediate_size": meta["intermediate_size"],
+            "hidden_size": hidden}
+    diff = [f"{k} {dense[k]} vs {v}" for k, v in mine.items() if _is_int(dense.get(k)) and dense[k] != v]
+    if diff:
+        raise DotMoeError(f"corrupt convert output: {meta_file}: its base model {meta['base_model']} does not match "
+                          f"the conversion ({', '.join(diff)}; model vs conversion)")

@@ -50,6 +50,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace what --out holds (a finished conversion, or an interrupted run's checkpoint)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--export-format", help="auto | mixtral | qwen3_moe | qwen2_moe | dotmoe | none "
                    "(MoE checkpoint written to OUT/model; default auto)")
@@ -65,10 +67,17 @@ def build_convert_config(args: argparse.Namespace):
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from dotmoe.errors import Interrupted
+    from dotmoe.guards import convert_hint
     from dotmoe.train import convert
 
     cfg = build_convert_config(args)
-    result = convert(cfg)
+    try:
+        result = convert(cfg)
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: say how to go on
+        stop = exc if isinstance(exc, Interrupted) else Interrupted()
+        stop.hint = convert_hint(cfg.out, ["convert", *args.argv[1:]])
+        raise stop from None
     if int(os.environ.get("RANK", "0")) != 0:  # distributed run: the main process reports
         return
     s = result.summary
@@ -92,7 +101,14 @@ def _print_export(e: dict) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import math
+
     from dotmoe.export import export
+
+    if args.check_tokens < 0:
+        raise DotMoeError(f"--check-tokens must be >= 0, got {args.check_tokens}")
+    if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+        raise DotMoeError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
 
     r = export(args.source, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
                check_tokens=args.check_tokens, max_shard_bytes=int(args.max_shard_gb * 1024**3))
@@ -102,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dotmoe.evaluate import EvalConfig, evaluate, format_report
+    from dotmoe.evaluate import EvalConfig, evaluate, format_report, plot_paths
     from dotmoe.gguf_input import resolve_model
 
     out = Path(args.out) if args.out else resolve_model(args.model) / "eval.json"  # a .gguf: in its HF directory
@@ -114,34 +130,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if "router" in report:
         from dotmoe.plots import load_heatmap
 
-        load_heatmap(report["router"]["load"], out.with_name(out.stem + "_expert_load.png"),
-                     f"expert load: {Path(args.model).name}")
+        load_heatmap(report["router"]["load"], plot_paths(out)[0], f"expert load: {Path(args.model).name}")
     if "recon_error" in report:
         from dotmoe.plots import recon_per_layer
 
-        recon_per_layer({Path(args.model).name: report["recon_error"]}, out.with_name(out.stem + "_recon.png"))
+        recon_per_layer({Path(args.model).name: report["recon_error"]}, plot_paths(out)[1])
     print(f"report: {out}")
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> None:
     import torch
 
-    from dotmoe.speed import bench_pair, format_rows
+    from dotmoe.guards import positive_ints
+    from dotmoe.speed import bench_pair, check_pair, format_rows
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    batches = positive_ints(args.batch, "--batch")
+    for flag in ("prompt", "new_tokens", "runs", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise DotMoeError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DotMoeError("--device cuda but no CUDA device is available")
     from dotmoe.gguf_input import resolve_model
 
-    for d in (args.dense, args.moe):
-        if not (resolve_model(d) / "config.json").is_file():
-            raise DotMoeError(f"{d} is not a Hugging Face model directory (no config.json)")
-    try:
-        batches = [int(b) for b in str(args.batch).split(",")]
-    except ValueError as exc:
-        raise DotMoeError(f"--batch takes comma-separated integers, got {args.batch!r}") from exc
-    rows = bench_pair(args.dense, args.moe, batches, args.prompt, args.new_tokens, args.runs,
+    dense, moe = resolve_model(args.dense), resolve_model(args.moe)  # a .gguf: its dequantized HF directory
+    check_pair(dense, moe, args.prompt, args.new_tokens)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = bench_pair(dense, moe, batches, args.prompt, args.new_tokens, args.runs,
                       getattr(torch, args.dtype), args.device, trust_remote_code=args.trust_remote_code)
     print(f"{args.device}, {torch.get_num_threads()} threads, {args.dtype}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, median of {args.runs} runs")
@@ -170,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from dotmoe.config import ConvertConfig
     from dotmoe.train import convert
 
-    base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every)
+    base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every, overwrite=True)  # the demo's own outputs
     out_dirs = [convert(replace(base, method=m, out=str(Path(args.out) / m))).out_dir for m in ("dotmoe", "random")]
     header = (f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}` on {platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -273,15 +289,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dotmoe.errors import Interrupted
+    from dotmoe.guards import stop_on_signals
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        args.func(args)
+        with stop_on_signals():  # SIGINT/SIGTERM: cleanup runs, convert checkpoints at a step boundary
+            args.func(args)
     except DotMoeError as exc:
         print(f"dotmoe: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment: a full disk, an unreadable file, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"dotmoe: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        hint = getattr(exc, "hint", "")
+        print(f"dotmoe: {exc}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("dotmoe: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # not a known user error: still one line, unless the traceback is asked for
+        if os.environ.get("DOTMOE_TRACEBACK"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"dotmoe: internal error: {type(exc).__name__}: {first} (a bug or an unchecked input; "
+              "DOTMOE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class ConvertConfig:
     log_every: int = 10
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace a finished conversion or an interrupted run's checkpoint in `out`
     trust_remote_code: bool = False
     export_format: str = "auto"  # written to <out>/model at the end; "none" skips the export
 
@@ -128,6 +130,31 @@ class ConvertConfig:
         if min(self.kl_weight, self.ce_weight, self.z_weight, self.lb_weight) < 0 or \
                 self.kl_weight + self.ce_weight == 0:
             raise DotMoeError("loss weights must be >= 0 with kl_weight + ce_weight > 0")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every number in range, not only of the right type: floats finite, counts >= 0, learning rates,
+        temperatures and the init scale > 0, the seed a valid RNG seed, and enough evaluation tokens."""
+        from dotmoe.guards import MIN_EVAL_TOKENS
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and not math.isfinite(value):
+                raise DotMoeError(f"{f.name} must be a finite number, got {value!r}")
+            if f.type == "int" and value < 0:
+                raise DotMoeError(f"{f.name} must be >= 0, got {value}")
+        for name in ("lr_affinity", "lr_router", "lr_weights", "init_scale"):
+            if getattr(self, name) <= 0:
+                raise DotMoeError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.seed >= 2**32:
+            raise DotMoeError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.eval_tokens < MIN_EVAL_TOKENS:
+            raise DotMoeError(f"eval_tokens must be >= {MIN_EVAL_TOKENS} (a perplexity on fewer tokens means "
+                              f"nothing), got {self.eval_tokens}")
+        if not self.out:
+            raise DotMoeError("out must be a directory path, got an empty string")
+        if any(not d for d in self.data + self.eval_data):
+            raise DotMoeError("data and eval_data must not hold empty file names")
 
     def _check_types(self) -> None:
         """Each value has its field's type. Floats also accept ints and numeric strings: YAML 1.1 reads `1e-4`

@@ -17,8 +17,10 @@ def load_texts(paths: list[str | Path], text_column: str = "text") -> list[str]:
         raise DotMoeError("no data files given")
     files = [Path(p) for p in paths]
     for f in files:
-        if not f.is_file():
+        if not f.exists():
             raise DotMoeError(f"data file not found: {f}")
+        if not f.is_file():
+            raise DotMoeError(f"data file {f} is not a regular file")
         if f.suffix not in _BUILDERS:
             raise DotMoeError(f"unsupported data file {f} (use .txt, .jsonl, .json or .parquet)")
     builders = {_BUILDERS[f.suffix] for f in files}
@@ -35,10 +37,26 @@ def load_texts(paths: list[str | Path], text_column: str = "text") -> list[str]:
         raise DotMoeError(f"could not read data files {', '.join(map(str, files))}: {exc}") from exc
     if text_column not in ds.column_names:
         raise DotMoeError(f"data has no {text_column!r} column (columns: {', '.join(ds.column_names)})")
-    texts = [t for t in ds[text_column] if t and t.strip()]
+    column = ds[text_column]
+    if not all(isinstance(t, str) for t in column):
+        raise DotMoeError(_non_text_error(builder, files, text_column, kwargs))
+    texts = [t for t in column if t.strip()]
     if not texts:
         raise DotMoeError(f"data files {', '.join(map(str, files))} contain no text")
     return texts
+
+
+def _non_text_error(builder: str, files: list[Path], text_column: str, kwargs: dict) -> str:
+    """The message for a text column holding something other than strings, naming the file and row."""
+    import datasets
+
+    for f in files:
+        column = datasets.load_dataset(builder, data_files=[str(f)], split="train", **kwargs)[text_column]
+        for row, t in enumerate(column):
+            if not isinstance(t, str):
+                return (f"data file {f}: the {text_column!r} column must hold strings, row {row} holds "
+                        f"{type(t).__name__} {str(t)[:40]!r}")
+    return f"data files {', '.join(map(str, files))}: the {text_column!r} column must hold strings"
 
 
 def tokenize_stream(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dotmoe.errors import DotMoeError
+from dotmoe.guards import MIN_EVAL_TOKENS, check_report_destination
 
 
 @dataclass
@@ -48,6 +49,11 @@ class EvalConfig:
         for name in ("tokens", "recon_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tokens < MIN_EVAL_TOKENS:
+            raise DotMoeError(f"tokens must be >= {MIN_EVAL_TOKENS} (a perplexity on fewer tokens means nothing), "
+                              f"got {self.tokens}")
+        if self.recon_tokens < self.seq_len:
+            raise DotMoeError(f"recon_tokens must be >= seq_len {self.seq_len}, got {self.recon_tokens}")
         if self.limit is not None and self.limit < 1:
             raise DotMoeError(f"limit must be >= 1, got {self.limit}")
 
@@ -189,17 +195,26 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     from dotmoe.paths import default_data_file
     from dotmoe.perplexity import perplexity
 
+    for path in (cfg.model, cfg.dense):
+        if path:
+            check_model_of_conversion(Path(path))
+    if cfg.out:  # checked before the (long) evaluation, so a bad --out fails at once and writes nothing
+        check_report_destination(cfg.out, plot_paths(cfg.out))
     model, tok = _load(cfg.model, cfg.trust_remote_code)
     base = cfg.dense or getattr(model.config, "dotmoe", {}).get("base_model") or cfg.model
     texts = load_texts(cfg.data or [str(default_data_file("test", base))])
     ids = tokenize_stream(tok, texts)[: cfg.tokens]
+    if len(ids) < MIN_EVAL_TOKENS:
+        raise DotMoeError(f"evaluation data {', '.join(cfg.data) or 'the bundled test text'} has {len(ids)} tokens; "
+                          f"at least {MIN_EVAL_TOKENS} are needed")
     report: dict = {"model": cfg.model, "config": asdict(cfg), "architecture": type(model).__name__,
                     "params": sum(p.numel() for p in model.parameters()), "ppl_tokens": len(ids)}
     from dotmoe.gguf_input import resolve_model
 
     model_cfg = json.loads((resolve_model(cfg.model) / "config.json").read_text())
-    if "dotmoe" in model_cfg:
-        report["active_params"] = model_cfg["dotmoe"]["active_params"]
+    active = model_cfg.get("dotmoe", {}).get("active_params") if isinstance(model_cfg.get("dotmoe"), dict) else None
+    if isinstance(active, int) and not isinstance(active, bool):
+        report["active_params"] = active
     report["ppl"] = perplexity(model, ids, cfg.seq_len, cfg.stride, batch_size=cfg.batch_size, progress=progress)
     recon_batches = _batches(ids, cfg.seq_len, cfg.recon_tokens)
     if cfg.dense:
@@ -220,9 +235,32 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.tasks:
         report["tasks"] = run_tasks(model, tok, cfg.tasks, cfg.task_dir, cfg.limit, cfg.batch_size)
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(report, indent=2))
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(report, indent=2))
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return report
+
+
+def plot_paths(out: str | Path) -> tuple[Path, Path]:
+    """The expert-load heatmap and per-layer reconstruction plot written beside a report."""
+    out = Path(out)
+    return out.with_name(out.stem + "_expert_load.png"), out.with_name(out.stem + "_recon.png")
+
+
+def check_model_of_conversion(path: Path) -> None:
+    """A conversion output is not a model, and a conversion's `model/` is evaluated only once it is finished."""
+    from dotmoe.artifacts import META_FILE, read_meta
+    from dotmoe.guards import output_state
+
+    if (path / META_FILE).is_file() and not (path / "config.json").is_file():
+        raise DotMoeError(f"{path} is a dotmoe convert output, not a model; evaluate its export {path / 'model'}")
+    if path.name == "model" and output_state(path.parent) in ("complete", "resumable", "unfinished"):
+        read_meta(path.parent)  # refuses an unfinished (or corrupt) conversion
 
 
 def format_report(report: dict) -> str:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_conversion
 from dotmoe.errors import DotMoeError
 from dotmoe.export_formats import ExportPlan, moe_config, moe_keys, plan_export, router_key
+from dotmoe.guards import check_export_destination
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -53,13 +54,20 @@ class TensorSource:
     """Lazy access to the dense checkpoint's tensors (sharded or not), trained weights taking precedence."""
 
     def __init__(self, model_dir: Path, trained: Path | None):
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise DotMoeError(f"{model_dir} has no .safetensors weights")
+        from dotmoe.guards import model_weight_files
+
+        files = model_weight_files(model_dir)  # the model's own files only, never a stray copy beside them
         self.where: dict[str, Path] = {}
         for f in files + ([trained] if trained else []):
-            with safe_open(str(f), framework="pt") as fh:
-                self.where.update({k: f for k in fh.keys()})
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    names = list(fh.keys())
+            except Exception as exc:  # truncated or foreign file
+                raise DotMoeError(f"cannot read the weights in {f}: {str(exc).splitlines()[0]}") from exc
+            twice = [k for k in names if k in self.where] if f != trained else []  # trained weights override
+            if twice:
+                raise DotMoeError(f"tensor {twice[0]!r} is in both {self.where[twice[0]]} and {f}")
+            self.where.update({k: f for k in names})
         self._open: dict[Path, object] = {}
 
     def names(self) -> list[str]:
@@ -71,7 +79,10 @@ class TensorSource:
         f = self.where[name]
         if f not in self._open:
             self._open[f] = safe_open(str(f), framework="pt")
-        return self._open[f].get_tensor(name)
+        tensor = self._open[f].get_tensor(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DotMoeError(f"non-finite weights (NaN/inf) in {f}: tensor {name}")
+        return tensor
 
     def release(self) -> None:
         """Close the files (unmapping the pages read so far, which otherwise stay resident)."""
@@ -186,18 +197,18 @@ def _count_params(numels: dict[str, int], meta: dict, tied: bool) -> dict[str, i
 
 def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "auto",
            max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, check_tokens: int = 256,
-           pad_to: int = 8, progress: bool = True) -> ExportResult:
-    """Write the conversion in `convert_dir` as a MoE checkpoint in `out` (see module doc); optionally check it."""
+           pad_to: int = 8, progress: bool = True, require_complete: bool = True) -> ExportResult:
+    """Write the conversion in `convert_dir` as a MoE checkpoint in `out` (see module doc); optionally check it.
+    `require_complete=False` is for `convert` itself, which exports before it marks its output finished."""
     convert_dir, out = Path(convert_dir), Path(out)
-    conv = load_conversion(convert_dir)
+    conv = load_conversion(convert_dir, require_complete)
     meta = conv.meta
     base_dir = Path(meta["base_model"])
     if not (base_dir / "config.json").is_file():
         raise DotMoeError(f"the dense model of this conversion is missing: {base_dir}/config.json")
     dense = json.loads((base_dir / "config.json").read_text())
     plan = plan_export(dense, fmt, meta["shared"], meta["gating"], meta["top_k"])
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DotMoeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    check_export_destination(convert_dir, out, base_dir, overwrite)
     trained = convert_dir / TRAINED_WEIGHTS_FILE
     src = TensorSource(base_dir, trained if trained.is_file() else None)
     out_dtype_name = (dense.get("dtype") or dense.get("torch_dtype") or "float32") if dtype == "auto" else dtype
@@ -250,7 +261,7 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
                 (tmp / f).write_text(text)
         shutil.copy2(convert_dir / META_FILE, tmp / META_FILE)
         (tmp / "README.md").write_text(_model_card(cfg, plan, meta, params))
-        parity = check_export(convert_dir, tmp, plan, check_tokens) if check_tokens else {}
+        parity = check_export(convert_dir, tmp, plan, check_tokens, require_complete) if check_tokens else {}
         if parity:
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
         if out.exists():
@@ -265,7 +276,8 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
 
 
 @torch.no_grad()
-def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: int) -> dict:
+def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: int,
+                 require_complete: bool = True) -> dict:
     """Logits of the reloaded export vs the training-time sparse model (fp32) on validation text."""
     from transformers import AutoModelForCausalLM
 
@@ -274,7 +286,8 @@ def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: i
     from dotmoe.sparse_model import load_sparse_model
 
     cfg = json.loads((model_dir / "config.json").read_text())
-    reference, tokenizer, _ = load_sparse_model(convert_dir, round_to=DTYPES[cfg["dtype"]])
+    reference, tokenizer, _ = load_sparse_model(convert_dir, round_to=DTYPES[cfg["dtype"]],
+                                                require_complete=require_complete)
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=plan.custom)
     exported.eval()
     base = json.loads((convert_dir / META_FILE).read_text())["base_model"]

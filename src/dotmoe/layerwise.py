@@ -31,8 +31,10 @@ from dotmoe.artifacts import save_conversion
 from dotmoe.assignment import NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
-from dotmoe.errors import DotMoeError
+from dotmoe.errors import DotMoeError, Interrupted
 from dotmoe.export import TensorSource
+from dotmoe.guards import (COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, check_resume_settings, check_seq_len,
+                           prepare_output, resume_key, settings_key, stop_at_step_boundaries, stop_requested)
 from dotmoe.losses import load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP
 
@@ -113,6 +115,7 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
     steps = cfg.layer_steps if cfg.tokens else 0
     first = last = None
     for step in range(steps):
+        _stop_here(f"while training a layer (the finished ones are in {LAYERWISE_CHECKPOINT})")
         assigner.tau = cfg.tau_at(step, steps)
         idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         matrices, _ = assigner.refresh()
@@ -135,13 +138,16 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
                                                              "final_error": final}
 
 
-LAYERWISE_DIR = "layerwise"  # OUT/layerwise: the layer-wise result when a global phase follows
-LAYERWISE_CHECKPOINT = "layerwise_checkpoint.pt"  # finished layers + the hidden states entering the next one
+def _stop_here(where: str) -> None:
+    """Stop (SIGINT/SIGTERM arrived) at this step boundary."""
+    signum = stop_requested()
+    if signum:
+        raise Interrupted(signum, where)
 
 
 def _resume_key(cfg: ConvertConfig) -> dict:
-    """The settings a layer-wise checkpoint must match to be resumed (all but where and whether to resume)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "global_tokens")}
+    """The settings a layer-wise checkpoint must match to be resumed (the global phase's tokens excepted)."""
+    return resume_key(cfg, "global_tokens")
 
 
 def _load_checkpoint(path: Path, cfg: ConvertConfig, num_layers: int) -> dict | None:
@@ -151,12 +157,12 @@ def _load_checkpoint(path: Path, cfg: ConvertConfig, num_layers: int) -> dict | 
     if not path.is_file():
         return None
     state = load_checkpoint(path)
-    mine = _resume_key(cfg)
-    changed = sorted(k for k in mine.keys() | state["config"].keys() if mine.get(k) != state["config"].get(k))
-    if changed:
-        raise DotMoeError(f"--resume: {path} was written with other settings ({', '.join(changed)}); rerun with "
-                          "them, or without --resume to start over")
-    if not len(state["partitions"]) < num_layers:
+    check_resume_settings(path, state.get("config"), _resume_key(cfg))
+    lists = [state.get(k) for k in ("partitions", "routers", "stats")]
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1 or \
+            not isinstance(state.get("hidden"), torch.Tensor):
+        raise DotMoeError(f"--resume: {path} is damaged; rerun with --overwrite instead of --resume to start over")
+    if not 0 < len(state["partitions"]) < num_layers:
         raise DotMoeError(f"--resume: {path} holds {len(state['partitions'])} layers, the model has {num_layers}")
     return state
 
@@ -164,21 +170,35 @@ def _load_checkpoint(path: Path, cfg: ConvertConfig, num_layers: int) -> dict | 
 def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     """Layer-wise conversion (see module doc), then the optional global KL phase; writes the same outputs as
     `convert` and exports."""
-    from dataclasses import replace
-
-    from dotmoe.artifacts import ASSIGNMENT_FILE, META_FILE
-    from dotmoe.train import ConvertResult, convert, export_and_record
+    from dotmoe.artifacts import mark_complete, read_meta
+    from dotmoe.train import ConvertResult, convert_joint, export_and_record
 
     out = Path(cfg.out)
     if not cfg.global_tokens:
         partition, summary = _layerwise_pass(cfg, out, progress)
         export_and_record(out, cfg, summary, progress, check_tokens=0)
+        mark_complete(out)  # last: only now is this a finished result
+        (out / LAYERWISE_CHECKPOINT).unlink(missing_ok=True)
         return ConvertResult(out_dir=out, partition=partition, summary=summary)
     first = out / LAYERWISE_DIR
-    if not (cfg.resume and (first / ASSIGNMENT_FILE).is_file() and (first / META_FILE).is_file()):
+    if cfg.resume and (first / COMPLETE).is_file():  # a finished layer-wise pass is not redone, if it is this one
+        saved = read_meta(first).get("config")
+        check_resume_settings(first, settings_key(saved, "global_tokens") if isinstance(saved, dict) else None,
+                              _resume_key(cfg))
+    else:
         _layerwise_pass(cfg, first, progress)  # returns before the joint phase loads the model: nothing held
-    joint = replace(cfg, mode="joint", tokens=cfg.global_tokens, global_tokens=0, init_from=str(first))
-    return convert(joint, progress)
+        mark_complete(first)
+        (first / LAYERWISE_CHECKPOINT).unlink(missing_ok=True)
+    return convert_joint(global_phase(cfg), progress)
+
+
+def global_phase(cfg: ConvertConfig) -> ConvertConfig:
+    """The joint run that continues a layer-wise pass in `cfg.out/layerwise` (`global_tokens` of KL training)."""
+    from dataclasses import replace
+
+    # overwrite is off: OUT was cleared (when asked) before the layer-wise pass
+    return replace(cfg, mode="joint", tokens=cfg.global_tokens, global_tokens=0,
+                   init_from=str(Path(cfg.out) / LAYERWISE_DIR), overwrite=False)
 
 
 def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torch.Tensor, dict]:
@@ -187,7 +207,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
 
     from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
-    from dotmoe.train import calibration_sequences, preflight, save_checkpoint
+    from dotmoe.train import calibration_sequences, check_eval_tokens, preflight, save_checkpoint
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -207,10 +227,18 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     cfg.validate_for(num_neurons)
     if len(tokenizer) > config.vocab_size:
         raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    check_seq_len(cfg.seq_len, config, "--seq-len")
     seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
     calib = calibration_sequences(seqs, cfg)
-    preflight(out, cfg, skeleton)
+    if cfg.global_tokens:  # the global phase's evaluation data, checked before hours of layer-wise work
+        eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
+        check_eval_tokens(len(tokenize_stream(tokenizer, eval_texts)[: cfg.eval_tokens]), cfg.eval_data)
     src = TensorSource(model_path, None)
+    for name in src.names():  # every input weight finite (streamed: one tensor at a time) before anything is written
+        src.get(name)
+        src.release()
+    prepare_output(cfg.out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
+    preflight(out, cfg, skeleton)
 
     ckpt_path = out / LAYERWISE_CHECKPOINT
     state = _load_checkpoint(ckpt_path, cfg, len(named)) if cfg.resume else None
@@ -234,6 +262,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     caps = torch.tensor(cfg.column_capacities(num_neurons))
 
     bar = tqdm(named[start:], desc="layerwise", unit="layer", disable=not progress, initial=start, total=len(named))
+    stop_at_step_boundaries(True)  # a signal stops the run at the next step or after a checkpoint, never inside one
     for i, (mlp_name, mlp) in enumerate(bar, start=start):
         layer_name = mlp_name.rsplit(".", 1)[0]
         layer = skeleton.get_submodule(layer_name)
@@ -258,6 +287,8 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         if i + 1 < len(named):  # a crash loses at most the layer in progress
             save_checkpoint({"config": _resume_key(cfg), "hidden": hidden, "partitions": partitions,
                              "routers": routers, "stats": layer_stats}, ckpt_path)
+            _stop_here(f"after layer {i} (checkpoint saved in {ckpt_path})")
+    stop_at_step_boundaries(False)
 
     partition = torch.stack(partitions)
     summary = {
@@ -270,7 +301,6 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "layer_errors": layer_stats,
         "val_ppl": None, "dense_val_ppl": None, "config": cfg.to_dict(),
     }
-    save_conversion(out, partition, routers, None, summary)
-    ckpt_path.unlink(missing_ok=True)
+    save_conversion(out, partition, routers, None, summary)  # the checkpoint stays until the result is complete
     # the export that follows runs no parity check: it would load the whole model, which this mode avoids
     return partition, summary

@@ -13,6 +13,8 @@ import math
 import torch
 from tqdm import tqdm
 
+LOGITS_BYTES = 256 * 1024**2
+
 
 def _windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over n tokens."""
@@ -35,6 +37,9 @@ def perplexity(model, ids: torch.Tensor, max_len: int = 256, stride: int = 128, 
     if len(ids) < 2:
         raise ValueError("need at least 2 tokens to compute perplexity")
     device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    if vocab:  # bound the fp32 logits of one batch to ~256 MB (a 262k vocabulary: 16 x 256 windows would be 4 GB)
+        batch_size = max(1, min(batch_size, LOGITS_BYTES // (max_len * vocab * 4)))
     windows = _windows(len(ids), max_len, stride)
     full = [w for w in windows if w[1] - w[0] == max_len]
     groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]

@@ -7,14 +7,17 @@ output is a plain dense checkpoint of the same class with a smaller `intermediat
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import torch
 from torch import nn
 
-from dotmoe.artifacts import write_meta
+from dotmoe.artifacts import mark_complete, write_meta
 from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
+from dotmoe.guards import prepare_output
 from dotmoe.perplexity import perplexity
 
 
@@ -57,10 +60,19 @@ def prune_convert(cfg: ConvertConfig, prep):
     model.config.intermediate_size = keep
     with torch.no_grad():
         ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    prepare_output(out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    prep.tokenizer.save_pretrained(model_dir)
+    tmp = out / f".model.tmp-{os.getpid()}"  # written whole, then renamed: a crash never leaves a partial model
+    try:
+        model.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     if not model.config.tie_word_embeddings:
@@ -77,4 +89,5 @@ def prune_convert(cfg: ConvertConfig, prep):
                    "parity": {}},
     }
     write_meta(out, summary)
+    mark_complete(out)  # last: only now is this a finished result
     return ConvertResult(out_dir=out, partition=torch.stack(kept), summary=summary)

@@ -16,24 +16,35 @@ from dotmoe.moe_mlp import install_moe
 from dotmoe.rounding import one_hot_assignment
 
 
-def load_sparse_model(convert_dir: str | Path, dtype: torch.dtype = torch.float32, round_to: torch.dtype | None = None):
+def load_sparse_model(convert_dir: str | Path, dtype: torch.dtype = torch.float32, round_to: torch.dtype | None = None,
+                      require_complete: bool = True):
     """(model with MoeMLP layers using the saved hard partition and routers, tokenizer, conversion).
 
     `round_to` rounds routers and trained weights through that dtype first (to mirror an export in bf16).
     """
-    conv = load_conversion(convert_dir)
+    conv = load_conversion(convert_dir, require_complete)
     meta = conv.meta
     model, tokenizer = load_causal_lm(meta["base_model"], dtype=round_to or dtype,
                                       trust_remote_code=meta.get("config", {}).get("trust_remote_code", False))
     model.to(dtype)
     trained = Path(convert_dir) / TRAINED_WEIGHTS_FILE
     if trained.is_file():  # experts / full training changed the dense weights themselves
-        state = load_file(str(trained))
-        missing = [k for k in state if k not in model.state_dict()]
-        if missing:
-            from dotmoe.errors import DotMoeError
+        from dotmoe.errors import DotMoeError
+        from dotmoe.guards import check_finite
 
+        try:
+            state = load_file(str(trained))
+        except Exception as exc:  # truncated or foreign file
+            raise DotMoeError(f"corrupt convert output: {trained}: {exc}") from exc
+        own = model.state_dict()
+        missing = [k for k in state if k not in own]
+        if missing:
             raise DotMoeError(f"{trained} has tensors the base model lacks: {missing[:3]}")
+        wrong = [k for k, v in state.items() if v.shape != own[k].shape]
+        if wrong:
+            raise DotMoeError(f"{trained}: tensor {wrong[0]} has shape {list(state[wrong[0]].shape)}, the base "
+                              f"model's is {list(own[wrong[0]].shape)}")
+        check_finite(state.items(), str(trained))
         model.load_state_dict({k: v.to(round_to or dtype).to(dtype) for k, v in state.items()}, strict=False)
     moes = install_moe(model, meta["experts"], meta["top_k"], meta["gating"], shared=meta["shared"] > 0,
                        dropped=meta.get("drop", 0) > 0)

@@ -67,9 +67,11 @@ def weight_bytes(model_dir: str | Path) -> tuple[int, int]:
     """(bytes of all weights, bytes a batch-1 decode step reads) from config.json's dotmoe counts, or dense."""
     from safetensors import safe_open
 
+    from dotmoe.guards import model_weight_files
+
     total = 0
     expert = 0
-    for f in Path(model_dir).glob("*.safetensors"):
+    for f in model_weight_files(model_dir):
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 sl = fh.get_slice(k)
@@ -91,15 +93,40 @@ def _dtype_size(name: str) -> int:
     return {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4}.get(name, 4)
 
 
+def check_pair(dense_dir: str | Path, moe_dir: str | Path, prompt: int, new_tokens: int) -> None:
+    """Both are model directories, the MoE has the dense model's layer count, hidden size and vocabulary (it was
+    converted from it), and prompt + new tokens fit both models' context."""
+    from dotmoe.architecture import check_model_dir
+    from dotmoe.errors import DotMoeError
+    from dotmoe.guards import check_seq_len
+
+    configs = {}
+    for flag, d in (("--dense", dense_dir), ("--moe", moe_dir)):
+        check_model_dir(d)
+        configs[flag] = json.loads((Path(d) / "config.json").read_text())
+        check_seq_len(prompt + new_tokens, configs[flag], f"{flag} {d}: --prompt + --new-tokens")
+    keys = ("num_hidden_layers", "hidden_size", "vocab_size")
+    diff = [f"{k} {configs['--dense'].get(k)} vs {configs['--moe'].get(k)}" for k in keys
+            if configs["--dense"].get(k) != configs["--moe"].get(k)]
+    if diff:
+        raise DotMoeError(f"--moe {moe_dir} was not converted from --dense {dense_dir}: {', '.join(diff)} "
+                          "(dense vs MoE)")
+
+
 def load(model_dir: str | Path, dtype: torch.dtype, device: str, experts_implementation: str | None = None,
          trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     import dotmoe.fast_experts  # noqa: F401  registers "dotmoe_gather"
 
+    from dotmoe.errors import DotMoeError
+
     kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True, **kwargs)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise DotMoeError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from exc
     return model.to(device).eval()
 
 

@@ -24,7 +24,9 @@ from dotmoe.architecture import find_gated_mlps, load_causal_lm
 from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
-from dotmoe.errors import DotMoeError
+from dotmoe.errors import DotMoeError, Interrupted
+from dotmoe.guards import (CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
+                           check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
@@ -162,11 +164,16 @@ def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
                    caps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Partition [L, N] and routers of the conversion in `cfg.init_from`, checked against this conversion's shape."""
     from dotmoe.artifacts import load_conversion
+    from dotmoe.gguf_input import resolve_model
+    from dotmoe.paths import reference_model_dir
 
     start = load_conversion(cfg.init_from)
     meta = start.meta
-    mine = {"experts": cfg.experts, "shared": cfg.shared, "drop": cfg.drop, "num_layers": num_layers, "intermediate_size": num_neurons,
-            "capacities": caps.tolist()}
+    model = resolve_model(cfg.model or reference_model_dir()).resolve()
+    if Path(meta["base_model"]).resolve() != model:
+        raise DotMoeError(f"--init-from {cfg.init_from} is a conversion of {meta['base_model']}, not of {model}")
+    mine = {"experts": cfg.experts, "shared": cfg.shared, "drop": cfg.drop, "num_layers": num_layers,
+            "intermediate_size": num_neurons, "capacities": caps.tolist()}
     theirs = {k: meta.get(k, 0 if k == "drop" else None) for k in mine}
     if theirs != mine:
         diff = ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in mine.items() if theirs[k] != v)
@@ -191,25 +198,66 @@ def export_and_record(out: Path, cfg: ConvertConfig, summary: dict, progress: bo
     from dotmoe.export import export
 
     exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, check_tokens=check_tokens,
-                      progress=progress)
+                      progress=progress, require_complete=False)
     summary["export"] = exported.summary()
     write_meta(out, summary)
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoint intact."""
+    """torch.save to a temporary file, then rename: a crash or a full disk mid-write leaves the previous checkpoint
+    intact and no temporary file behind."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    had_one = path.is_file()
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            kept = "the previous checkpoint is intact; free space and rerun with --resume" if had_one else \
+                "no checkpoint was written yet"
+            raise DotMoeError(f"cannot write the checkpoint {path}: {exc.strerror or exc} ({kept})") from exc
+        raise
 
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint written by `save_checkpoint`; tensors and plain data only (no pickled code is run)."""
     try:
-        return torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise DotMoeError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}); remove it to start "
-                          "over") from exc
+        raise DotMoeError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}); rerun with "
+                          "--overwrite instead of --resume to start over") from exc
+    if not isinstance(state, dict):
+        raise DotMoeError(f"--resume: {path} is not a dotmoe checkpoint; rerun with --overwrite to start over")
+    return state
+
+
+def _load_joint_checkpoint(path: Path, cfg: ConvertConfig, steps: int) -> dict:
+    """The joint mode's checkpoint, checked: its structure, and that it was written with this run's settings."""
+    state = load_checkpoint(path)
+    check_resume_settings(path, state.get("config"), resume_key(cfg))
+    kinds = {"params": dict, "optimizer": dict, "scheduler": dict, "rng": torch.Tensor, "step": int}
+    wrong = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+    if wrong or not 0 <= state["step"] <= steps:
+        raise DotMoeError(f"--resume: {path} is damaged ({', '.join(wrong) or 'step out of range'}); rerun with "
+                          "--overwrite instead of --resume to start over")
+    return state
+
+
+def _kept_records(log_path: Path, upto: int, events: bool = False) -> list[dict]:
+    """The train log's step records (and with `events` the non-finite-step events) up to step `upto`."""
+    if not log_path.is_file():
+        return []
+    records = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= upto and \
+                (events or "event" not in record):
+            records.append(record)
+    return records
 
 
 def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
@@ -299,15 +347,23 @@ def prepare(cfg: ConvertConfig) -> Prepared:
     if warning:
         print(warning, file=sys.stderr)
     cfg.validate_for(mlps[0].gate_proj.out_features)
+    check_seq_len(cfg.seq_len, model.config, "--seq-len")
+    check_finite(model.named_parameters(), f"the input model {model_path}")
     seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
     if len(seqs) < cfg.batch_size:
         raise DotMoeError(f"data too short: {len(seqs)} sequences of {cfg.seq_len} tokens, need >= batch size "
                           f"{cfg.batch_size}")
     eval_ids = tokenize_stream(tokenizer, eval_texts)[: cfg.eval_tokens]
-    if len(eval_ids) < 2:
-        raise DotMoeError("evaluation data is empty")
+    check_eval_tokens(len(eval_ids), cfg.eval_data)
     model.requires_grad_(False)
     return Prepared(model, tokenizer, model_path, seqs, eval_ids, [n for n, _ in named_mlps], mlps)
+
+
+def check_eval_tokens(count: int, files: list[str]) -> None:
+    """Enough held-out tokens for a perplexity that means something."""
+    if count < MIN_EVAL_TOKENS:
+        source = ", ".join(files) if files else "the bundled validation text"
+        raise DotMoeError(f"evaluation data {source} has {count} tokens; at least {MIN_EVAL_TOKENS} are needed")
 
 
 def _accelerator(cfg: ConvertConfig):
@@ -330,13 +386,22 @@ def _accelerator(cfg: ConvertConfig):
 
 
 def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
-    """Run the DOT-MoE conversion (or a baseline) and write partition + router + metadata to cfg.out."""
-    from transformers import get_cosine_schedule_with_warmup
+    """Run the DOT-MoE conversion (or a baseline) and write partition + router + metadata to cfg.out.
 
+    `cfg.out` must be new or empty, unless `resume` (continue its checkpoint) or `overwrite` (replace it); it is
+    marked complete (COMPLETE) only after everything else, the export included, is written."""
+    check_convert_output(cfg)
     if cfg.mode == "layerwise":
         from dotmoe.layerwise import convert_layerwise
 
         return convert_layerwise(cfg, progress)
+    return convert_joint(cfg, progress)
+
+
+def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
+    """The joint (end-to-end KL) conversion into cfg.out, whose state `convert` has checked."""
+    from transformers import get_cosine_schedule_with_warmup
+
     accelerator = _accelerator(cfg)
     _seed_everything(cfg.seed)
     prep = prepare(cfg)
@@ -398,27 +463,35 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     if cfg.batch_size % accelerator.num_processes:
         raise DotMoeError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
                           f"{accelerator.num_processes} processes")
+    if accelerator.is_main_process:  # every input is checked: only now may an --overwrite'n result go
+        prepare_output(out, cfg.overwrite)
+    accelerator.wait_for_everyone()
     preflight(out, cfg, model)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / CHECKPOINT
     log_path = out / "train_log.jsonl"
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
     epochs = math.ceil(cfg.steps * cfg.batch_size * cfg.grad_accum / len(seqs)) + 1
     order = torch.cat([torch.randperm(len(seqs), generator=order_gen) for _ in range(epochs)])
     start_step = 0
+    history, evals = [], []
     if cfg.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        load_full_state(raw, state["params"])
-        load_full_optimizer_state(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        state = _load_joint_checkpoint(ckpt_path, cfg, cfg.steps)
+        try:
+            load_full_state(raw, state["params"])
+            load_full_optimizer_state(optimizer, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as exc:
+            raise DotMoeError(f"--resume: {ckpt_path} does not fit this model ({type(exc).__name__}); rerun with "
+                              "--overwrite instead of --resume to start over") from exc
         start_step = state["step"]
+        history = _kept_records(log_path, start_step)  # the steps before the checkpoint, for the summary
+        evals = [r["val_ppl"] for r in history if "val_ppl" in r]
         if accelerator.is_main_process and log_path.exists():  # drop the records of steps that are redone
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            log_path.write_text("".join(line + "\n" for line in kept))
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in _kept_records(log_path, start_step, True)))
     elif accelerator.is_main_process:
         log_path.unlink(missing_ok=True)
 
-    history, evals = [], []
     dense_ppl = None
     if cfg.eval_every:
         with gathered(raw), moe_disabled(raw.model):
@@ -430,7 +503,28 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     world, rank = accelerator.num_processes, accelerator.process_index
     good = _snapshot(raw, optimizer)  # the state a non-finite step reverts to
     failures = 0
+
+    def write_checkpoint(done: int) -> None:
+        # whole tensors (gathered on every process under FSDP), so resuming does not depend on the sharding
+        main = accelerator.is_main_process  # only it keeps the copies; the others join the gathers
+        state = {"params": full_trainable_state(raw, keep=main),
+                 "optimizer": full_optimizer_state(optimizer, keep=main), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": done,
+                 "config": resume_key(cfg)}
+        if main:
+            save_checkpoint(state, ckpt_path)
+
+    def stop_here(done: int) -> None:
+        """SIGINT/SIGTERM arrived (on any process): checkpoint at this step boundary and stop."""
+        signum = stop_requested() or 0
+        if world > 1:  # decided jointly, so every process takes part in the checkpoint's gathers
+            signum = int(accelerator.gather(torch.tensor([signum], device=accelerator.device)).max())
+        if signum:
+            write_checkpoint(done)
+            raise Interrupted(signum, f"at step {done} of {cfg.steps} (checkpoint saved in {ckpt_path})")
+
+    stop_at_step_boundaries(True)  # from here a signal only asks for a stop, which stop_here() carries out
     for step in bar:
+        stop_here(step)
         raw.assigner.tau = cfg.tau_at(step, cfg.steps)
         terms_sum: dict[str, float] = {}
         finite = True
@@ -481,19 +575,16 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", cv=f"{record['load_cv']:.2f}",
                         err=f"{record['marginal_error']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        checkpoint = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
-        if checkpoint:
-            good = _snapshot(raw, optimizer)
-            # whole tensors (gathered on every process under FSDP), so resuming does not depend on the sharding
-            main = accelerator.is_main_process  # only it keeps the copies; the others join the gathers
-            state = {"params": full_trainable_state(raw, keep=main),
-                     "optimizer": full_optimizer_state(optimizer, keep=main),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}
         if accelerator.is_main_process:
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            if checkpoint:
-                save_checkpoint(state, ckpt_path)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            good = _snapshot(raw, optimizer)
+            write_checkpoint(step + 1)
+
+    if cfg.steps > start_step:
+        stop_here(cfg.steps)  # a signal during the last step: the final phase runs on --resume
+    stop_at_step_boundaries(False)
 
     raw.eval()
     if cfg.steps == 0:  # training-free: the initial partition at the final temperature
@@ -525,11 +616,11 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
     }
     if accelerator.is_main_process:
-        from dotmoe.artifacts import save_conversion
+        from dotmoe.artifacts import mark_complete, save_conversion
 
         save_conversion(out, partition, routers, raw.model, summary)
-        if ckpt_path.exists():
-            ckpt_path.unlink()
         export_and_record(out, cfg, summary, progress)
+        mark_complete(out)  # last: only now is this a finished result
+        ckpt_path.unlink(missing_ok=True)
     return ConvertResult(out_dir=out, partition=partition, summary=summary)
 
