@@ -126,8 +126,11 @@ def _check_meta(meta: dict, meta_file: Path) -> None:
                           ("experts", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
                           ("top_k", lambda v: _is_int(v) and 1 <= v, "an integer >= 1"),
                           ("shared", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+                          ("drop", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
                           ("mlp_modules", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
                            "a list of module names")]:
+        if key == "drop" and key not in meta:
+            meta["drop"] = 0  # written before dropped neurons existed
         if key not in meta:
             raise bad(f"missing {key!r}")
         if not ok(meta[key]):
@@ -143,11 +146,16 @@ def _check_meta(meta: dict, meta_file: Path) -> None:
         raise bad(f"top_k {meta['top_k']} must be smaller than experts {experts}")
     if meta.get("gating") not in GATING_MODES:
         raise bad(f"'gating' must be one of {', '.join(GATING_MODES)}, got {meta.get('gating')!r}")
-    columns = experts + (1 if shared else 0)
+    drop = meta["drop"]
+    if drop and not shared:
+        raise bad(f"drop={drop} without a shared expert")
+    columns = experts + (1 if shared else 0) + (1 if drop else 0)
     if not isinstance(caps, list) or len(caps) != columns or not all(_is_int(c) and c >= 1 for c in caps):
         raise bad(f"'capacities' must be {columns} integers >= 1, got {caps!r}")
-    if shared and caps[-1] != shared:
-        raise bad(f"the shared capacity {caps[-1]} is not shared={shared}")
+    if shared and caps[experts] != shared:
+        raise bad(f"the shared capacity {caps[experts]} is not shared={shared}")
+    if drop and caps[-1] != drop:
+        raise bad(f"the dropped capacity {caps[-1]} is not drop={drop}")
     if sum(caps) != meta["intermediate_size"]:
         raise bad(f"capacities sum to {sum(caps)}, not intermediate_size {meta['intermediate_size']}")
 
@@ -188,7 +196,8 @@ def load_conversion(path: str | Path, require_complete: bool = True) -> Conversi
     lo, hi = int(partition.min()), int(partition.max())
     if lo < 0 or hi >= len(caps):
         raise bad(f"partition holds expert id {hi if hi >= len(caps) else lo}, valid ids are 0..{len(caps) - 1} "
-                  f"({experts} experts{' + the shared column' if meta['shared'] else ''})")
+                  f"({experts} experts{' + the shared column' if meta['shared'] else ''}"
+                  f"{' + the dropped column' if meta['drop'] else ''})")
     for layer, row in enumerate(partition):
         counts = torch.bincount(row, minlength=len(caps)).tolist()
         if counts != caps:

@@ -203,8 +203,22 @@ class ConvertConfig:
         routed = capacities(num_neurons - self.shared - self.drop, self.experts, self.capacities)
         return routed + ([self.shared] if self.shared else []) + ([self.drop] if self.drop else [])
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def derive(self, **changes) -> "ConvertConfig":
+        """A copy with `changes` (dataclasses.replace) that keeps what the user asked for shared/drop."""
+        from dataclasses import replace
+
+        new = replace(self, **changes)
+        if hasattr(self, "requested_shared"):
+            new.requested_shared = self.requested_shared
+        return new
+
+    def to_dict(self, requested: bool = False) -> dict:
+        """The fields as a dict; `requested=True` gives shared/drop as the user asked for them (None = derived from
+        shared_fraction), which is what a run's identity depends on, whether or not they were resolved yet."""
+        out = asdict(self)
+        if requested and hasattr(self, "requested_shared"):
+            out["shared"], out["drop"] = self.requested_shared
+        return out
 
     def fit_shared_to_export(self, dense_config: dict) -> str:
         """When the shared expert comes from the default `shared_fraction` but the model's MoE format has no shared
@@ -223,6 +237,8 @@ class ConvertConfig:
 
     def resolve_shared(self, num_neurons: int) -> None:
         """Turn `shared_fraction` into neuron counts for a model with `num_neurons` FFN neurons (in place)."""
+        if not hasattr(self, "requested_shared"):  # what the user asked for (None = from shared_fraction)
+            self.requested_shared = (self.shared, self.drop)
         if self.shared is None:
             budget = num_neurons * self.top_k / self.experts  # active neurons per token
             per_expert = int(budget * (1 - self.shared_fraction) / self.top_k)

@@ -209,7 +209,7 @@ def output_state(out: str | Path) -> str:
 def check_convert_output(cfg) -> None:
     """`convert --out` against `--resume` / `--overwrite`: a finished result or an interrupted run's checkpoint
     is never replaced silently, `--resume` needs something to resume, and the output overlaps no input."""
-    from dotmoe.paths import reference_data_file, reference_model_dir
+    from dotmoe.paths import default_data_file, reference_model_dir
 
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
@@ -219,8 +219,8 @@ def check_convert_output(cfg) -> None:
         raise DotMoeError(f"--out {out} " + ("is a dangling symbolic link" if out.is_symlink() and not out.exists()
                                              else "exists and is not a directory"))
     check_separate(out, {"model": [cfg.model or reference_model_dir()],
-                         "data file": cfg.data or [reference_data_file("train_sample")],
-                         "evaluation data file": cfg.eval_data or [reference_data_file("validation")],
+                         "data file": cfg.data or [default_data_file("train", cfg.model)],
+                         "evaluation data file": cfg.eval_data or [default_data_file("validation", cfg.model)],
                          "--init-from conversion": [cfg.init_from]})
     if cfg.resume:
         if state != "resumable":
@@ -253,7 +253,6 @@ def _peek_settings(path: Path):
 def _check_resume_target(out: Path, cfg) -> None:
     """Before the model loads: the checkpoint this run would continue exists and was written with its settings
     (the run checks again when it reads it)."""
-    from dataclasses import replace
 
     if cfg.mode == "layerwise" and cfg.global_tokens:
         from dotmoe.layerwise import global_phase
@@ -273,7 +272,7 @@ def _check_resume_target(out: Path, cfg) -> None:
         return
     for other, ignore in ((out / CHECKPOINT, ()), (out / LAYERWISE_CHECKPOINT, ("global_tokens",))):
         if other.is_file():  # another mode's checkpoint: say which settings differ
-            check_resume_settings(other, _peek_settings(other), resume_key(replace(cfg, global_tokens=0), *ignore))
+            check_resume_settings(other, _peek_settings(other), resume_key(cfg.derive(global_tokens=0), *ignore))
     raise DotMoeError(f"--resume: {out} holds no checkpoint that this {cfg.mode} run can continue")
 
 
@@ -301,7 +300,7 @@ def settings_key(settings: dict, *ignore: str) -> dict:
 
 def resume_key(cfg, *ignore: str) -> dict:
     """`settings_key` of a ConvertConfig."""
-    return settings_key(cfg.to_dict(), *ignore)
+    return settings_key(cfg.to_dict(requested=True), *ignore)
 
 
 def check_resume_settings(path: Path, saved, mine: dict) -> None:

@@ -194,10 +194,9 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
 
 def global_phase(cfg: ConvertConfig) -> ConvertConfig:
     """The joint run that continues a layer-wise pass in `cfg.out/layerwise` (`global_tokens` of KL training)."""
-    from dataclasses import replace
 
     # overwrite is off: OUT was cleared (when asked) before the layer-wise pass
-    return replace(cfg, mode="joint", tokens=cfg.global_tokens, global_tokens=0,
+    return cfg.derive(mode="joint", tokens=cfg.global_tokens, global_tokens=0,
                    init_from=str(Path(cfg.out) / LAYERWISE_DIR), overwrite=False)
 
 

@@ -78,7 +78,8 @@ def prune_convert(cfg: ConvertConfig, prep):
     if not model.config.tie_word_embeddings:
         embed += model.get_output_embeddings().weight.numel()
     summary = {
-        "method": "prune", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "gating": None,
+        "method": "prune", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "drop": cfg.drop,
+        "gating": None,
         "intermediate_size": n, "kept_neurons": keep, "num_layers": len(prep.mlps), "mlp_modules": prep.mlp_names,
         "base_model": str(prep.model_path.resolve()), "train_tokens": 0, "steps": 0,
         "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "val_ppl": round(ppl, 4),
