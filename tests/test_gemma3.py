@@ -124,3 +124,23 @@ def test_multimodal_gemma3_is_refused_with_one_line(tmp_path):
     (tmp_path / "mm" / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {}}))
     with pytest.raises(DotMoeError, match="Gemma3ForConditionalGeneration.*gemma3_text"):
         check_model_dir(tmp_path / "mm")
+
+
+def test_perplexity_batches_are_capped_by_logit_memory(tiny_llama_dir, monkeypatch):
+    """A 262k vocabulary would make 16 windows of logits 4.3 GB: batches shrink, the perplexity does not change."""
+    from transformers import AutoModelForCausalLM
+
+    from dotmoe.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 8000, (2000,), generator=torch.Generator().manual_seed(0))
+    sizes = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda input_ids, **kw: sizes.append(len(input_ids)) or original(
+        input_ids=input_ids, **kw))
+    full = perplexity(model, ids, 256, 128)
+    assert max(sizes) == 14  # all 14 full windows at once: 14 x 256 x 8192 x 4 B = 117 MB < 512 MiB
+    sizes.clear()
+    capped = perplexity(model, ids, 256, 128, max_logits_bytes=3 * 256 * 8192 * 4)
+    assert max(sizes) == 3
+    assert abs(capped - full) < 1e-4 * full

@@ -3,7 +3,8 @@
 Windows of `max_len` tokens start every `stride` tokens; each window scores only the tokens that the
 previous window did not (the first window scores all but its first token), so every token after the first
 is scored exactly once, with at least `max_len - stride` tokens of context once past the start. Windows
-are evaluated `batch_size` at a time; the last window may be shorter and is run on its own.
+are evaluated `batch_size` at a time, fewer when their fp32 logits would exceed `max_logits_bytes` (a 262k
+vocabulary has 268 MB of logits per 256-token window); the last window may be shorter and is run on its own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import torch
 from tqdm import tqdm
 
-LOGITS_BYTES = 256 * 1024**2
 
 
 def _windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -28,7 +28,7 @@ def _windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, max_len: int = 256, stride: int = 128, max_tokens: int | None = None,
-               batch_size: int = 16, progress: bool = False) -> float:
+               batch_size: int = 16, progress: bool = False, max_logits_bytes: int = 512 * 2**20) -> float:
     """Perplexity of `model` on a 1-D id stream."""
     if not 0 < stride <= max_len:
         raise ValueError("need 0 < stride <= max_len")
@@ -37,9 +37,8 @@ def perplexity(model, ids: torch.Tensor, max_len: int = 256, stride: int = 128, 
     if len(ids) < 2:
         raise ValueError("need at least 2 tokens to compute perplexity")
     device = next(model.parameters()).device
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
-    if vocab:  # bound the fp32 logits of one batch to ~256 MB (a 262k vocabulary: 16 x 256 windows would be 4 GB)
-        batch_size = max(1, min(batch_size, LOGITS_BYTES // (max_len * vocab * 4)))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = max(1, min(batch_size, max_logits_bytes // (max_len * vocab * 4)))
     windows = _windows(len(ids), max_len, stride)
     full = [w for w in windows if w[1] - w[0] == max_len]
     groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
