@@ -15,7 +15,6 @@ import torch
 from tqdm import tqdm
 
 
-
 def _windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over n tokens."""
     out, prev_end, begin = [], 0, 0
