@@ -37,7 +37,7 @@ class ConvertConfig:
     # always-on shared expert and the least useful neurons are dropped, so the active budget stays exactly k/E:
     # shared = fraction * N * k / E, drop = shared * (E / k - 1). `shared` / `drop` set neuron counts directly
     # (an explicit `shared` alone adds the shared expert on top of the k/E budget, with drop 0).
-    shared_fraction: float = 0.5
+    shared_fraction: float = 0.25
     shared: int | None = None
     drop: int | None = None  # neurons removed entirely (an OT column whose gate is 0); needs a shared expert
     capacities: list[int] | None = None
