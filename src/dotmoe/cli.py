@@ -30,8 +30,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--shared", type=int, help="always-on shared expert size in neurons (0 = none)")
     p.add_argument("--shared-fraction", type=float, help="share of the active budget (k/E of the neurons) spent on "
-                   "an always-on shared expert, the least useful neurons dropped to hold the budget (default 0.25; 0 = "
-                   "a plain MoE); --shared/--drop set neuron counts instead")
+                   "an always-on shared expert, the least useful neurons dropped to hold the budget (default: 0.25 at "
+                   "k/E <= 1/4, rising to 0.75 at k/E >= 1/2; 0 = a plain MoE); --shared/--drop set neuron counts")
     p.add_argument("--drop", type=int, help="neurons removed entirely (needs --shared; with the shared expert it "
                    "keeps the active budget: drop = shared * (E / k - 1))")
     p.add_argument("--init-affinity", help="dotmoe's starting partition: coactivation | weight-kmeans | random")

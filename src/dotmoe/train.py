@@ -155,7 +155,8 @@ def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Te
     routers when it has them."""
     gen = torch.Generator().manual_seed(cfg.seed)
     inputs = mlp_inputs or [None] * len(mlps)
-    pairs = [layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop) for mlp, x in zip(mlps, inputs)]
+    pairs = [layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop)
+             for mlp, x in zip(mlps, inputs)]
     routers = [r for _, r in pairs]
     return torch.stack([p for p, _ in pairs]), None if routers[0] is None else routers
 
