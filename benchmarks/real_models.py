@@ -113,7 +113,8 @@ def render(records: list[dict]) -> str:
         rows.sort(key=lambda r: (r["top_k"] / r["experts"], r["tokens"], r["method"], r["seed"]))
         for r in rows:
             ratio = r["wiki_test_ppl"] / dense["wiki_test_ppl"] if dense else float("nan")
-            lines.append(f"| {r['active_ffn']:.0%} | {r['experts']} / {r['top_k']} | {r['shared']} / {r['drop']} "
+            structure = "-" if r["method"] == "prune" else f"{r['shared']} / {r['drop']}"
+            lines.append(f"| {r['active_ffn']:.0%} | {r['experts']} / {r['top_k']} | {structure} "
                          f"| {r['tokens']:,} | {' '.join([r['method'], *r.get('extra', [])])} | {r['seed']} | {r['wiki_test_ppl']:.2f} | {ratio:.2f} "
                          f"| {r['pydocs_test_ppl']:.2f} | {r.get('wiki_cloze_acc', '')} | {r['wall_s']} "
                          f"| {r.get('tokens_per_s', '')} | {r['peak_rss_mb']} |")
