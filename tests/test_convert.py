@@ -136,3 +136,33 @@ def test_config_values_are_type_checked_and_yaml_float_strings_are_read_as_float
                          ({"capacities": [1, 2.5]}, "capacities must be list[int] or null")]:
         with pytest.raises(DotMoeError, match=message.replace("[", r"\[").replace("]", r"\]")):
             ConvertConfig(**bad)
+
+
+def test_default_shared_and_dropped_columns_hold_the_budget_and_export_exactly(tiny_llama_dir, tiny_text, tmp_path):
+    """The default structure: an always-on shared expert of the most important neurons and dropped least important
+    ones, sized so the active FFN budget is exactly k/E; the export leaves the dropped neurons out and reproduces
+    the training-time sparse forward."""
+    import json
+
+    from dotmoe.output_aware import neuron_importance
+    from dotmoe.train import calibration_sequences, collect_mlp_inputs, prepare
+
+    cfg = _cfg(tiny_llama_dir, tiny_text, tmp_path / "o", shared_fraction=None, tokens=0, export_format="auto")
+    result = convert(cfg, progress=False)
+    s = result.summary
+    n, e, k = s["intermediate_size"], s["experts"], s["top_k"]
+    routed = s["capacities"][:e]
+    assert s["shared"] > 0 and s["drop"] > 0 and s["capacities"][e:] == [s["shared"], s["drop"]]
+    assert s["shared"] + k * routed[0] == n * k // e  # active neurons per token = k/E of the FFN
+    for row in result.partition:
+        assert torch.bincount(row, minlength=e + 2).tolist() == s["capacities"]
+    # dropped = the least important neurons of each layer (the same calibration tokens as the conversion)
+    prep = prepare(_cfg(tiny_llama_dir, tiny_text, tmp_path / "p", shared_fraction=None, tokens=0))
+    inputs = collect_mlp_inputs(prep.model, prep.mlps, calibration_sequences(prep.seqs, cfg))
+    for layer, (mlp, x) in enumerate(zip(prep.mlps, inputs)):
+        least = set(neuron_importance(mlp, x).argsort()[: s["drop"]].tolist())
+        assert set((result.partition[layer] == e + 1).nonzero().flatten().tolist()) == least
+    exported = json.loads((tmp_path / "o" / "model" / "config.json").read_text())
+    parity = json.loads((tmp_path / "o" / "model" / "parity.json").read_text())
+    assert exported["shared_expert_intermediate_size"] == s["shared"]
+    assert parity["max_abs_logit_diff"] < 1e-5 and parity["top1_agreement"] == 1.0
