@@ -80,22 +80,14 @@ def test_every_method_converts_and_exports_gemma3(method, tiny_gemma3_dir, tiny_
     assert summary["export"]["parity"]["top1_agreement"] == 1.0
 
 
-def test_layerwise_gemma3_sees_the_dense_models_ffn_inputs(tiny_gemma3_dir, tiny_text, tmp_path, monkeypatch):
+def test_layerwise_gemma3_sees_the_dense_models_ffn_inputs(tiny_gemma3_dir, tiny_text, tmp_path, layer_inputs_seen):
     """Streamed layer by layer: per-layer-type RoPE, the sliding-window mask and the sqrt(d) embedding scale."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import dotmoe.layerwise as lw
     from dotmoe.architecture import find_gated_mlps
     from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 
-    seen = []
-    original = lw._train_layer
-
-    def spy(cfg, mlp, x, y, caps, seed):
-        seen.append((x.clone(), y.clone()))
-        return original(cfg, mlp, x, y, caps, seed)
-
-    monkeypatch.setattr(lw, "_train_layer", spy)
+    seen = layer_inputs_seen
     cfg = ConvertConfig(model=str(tiny_gemma3_dir), data=[str(tiny_text)], out=str(tmp_path / "lw"), experts=4,
                         top_k=2, mode="layerwise", layer_steps=3, seq_len=32, batch_size=4, calib_tokens=64, seed=0)
     convert(cfg, progress=False)

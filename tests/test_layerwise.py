@@ -32,21 +32,13 @@ def test_layerwise_lowers_each_layers_error_and_exports_exactly(tiny_llama_dir, 
         assert (reference(input_ids=ids).logits - exported(input_ids=ids).logits).abs().max() < 1e-4
 
 
-def test_layerwise_per_layer_inputs_are_the_dense_models(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
+def test_layerwise_per_layer_inputs_are_the_dense_models(tiny_llama_dir, tiny_text, tmp_path, layer_inputs_seen):
     """The streamed layer-by-layer forward sees exactly the FFN inputs of the full dense model."""
     from transformers import AutoModelForCausalLM
 
-    import dotmoe.layerwise as lw
     from dotmoe.architecture import find_gated_mlps
 
-    seen = []
-    original = lw._train_layer
-
-    def spy(cfg, mlp, x, y, caps, seed):
-        seen.append((x.clone(), y.clone()))
-        return original(cfg, mlp, x, y, caps, seed)
-
-    monkeypatch.setattr(lw, "_train_layer", spy)
+    seen = layer_inputs_seen
     convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "lw", tokens=0, calib_tokens=64, export_format="none"),
             progress=False)
     from dotmoe.data import load_texts, pack_sequences, tokenize_stream

@@ -112,16 +112,21 @@ def check_separate(out: str | Path, inputs: dict[str, Iterable[str | Path]], fla
                 raise DotMoeError(f"{flag} {out} {rel} the {label} {p}; write the output somewhere separate")
 
 
-def check_file_destination(path: str | Path, flag: str) -> None:
-    """A file can be created at `path`: it is not a directory, and no existing ancestor is a regular file."""
-    path = Path(path)
-    if path.is_dir():
-        raise DotMoeError(f"{flag} {path} is a directory; give a file name")
+def _check_ancestors(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of `path` is a directory (so `path` can be created under it)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise DotMoeError(f"cannot write {flag} {path}: {parent} is a file, not a directory")
             return
+
+
+def check_file_destination(path: str | Path, flag: str) -> None:
+    """A file can be created at `path`: it is not a directory, and no existing ancestor is a regular file."""
+    path = Path(path)
+    if path.is_dir():
+        raise DotMoeError(f"{flag} {path} is a directory; give a file name")
+    _check_ancestors(path, flag)
 
 
 def check_report_destination(out: str | Path, companions: Iterable[Path] = ()) -> None:
@@ -158,11 +163,7 @@ def check_directory_destination(path: str | Path, flag: str) -> None:
         raise DotMoeError(f"{flag} {path} is a symbolic link; pass the directory it points to")
     if path.exists() and not path.is_dir():
         raise DotMoeError(f"{flag} {path} exists and is not a directory")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DotMoeError(f"cannot write {flag} {path}: {parent} is a file, not a directory")
-            return
+    _check_ancestors(path, flag)
 
 
 def check_export_destination(convert_dir: Path, out: Path, base_model: Path, overwrite: bool) -> None:
