@@ -119,6 +119,17 @@ def render(records: list[dict]) -> str:
                          f"| {r['pydocs_test_ppl']:.2f} | {r.get('wiki_cloze_acc', '')} | {r['wall_s']} "
                          f"| {r.get('tokens_per_s', '')} | {r['peak_rss_mb']} |")
         lines.append("")
+        staged = [r for r in rows if r.get("rss_by_stage")]
+        if staged:
+            stages = list(dict.fromkeys(s for r in staged for s in r["rss_by_stage"]))
+            lines += ["Peak RSS (MB) of the `dotmoe convert` process at the end of each stage (the peak is monotone: the "
+                      "stage where it grows set it):", "",
+                      "| active FFN | tokens | method | " + " | ".join(stages) + " |",
+                      "|---|---|---|" + "---|" * len(stages)]
+            for r in staged:
+                lines.append(f"| {r['active_ffn']:.0%} | {r['tokens']:,} | {' '.join([r['method'], *r.get('extra', [])])} | "
+                             + " | ".join(str(r["rss_by_stage"].get(s, "")) for s in stages) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -163,7 +174,8 @@ def main() -> None:
                            "tokens": tokens, "seed": seed, "shared": meta["shared"], "drop": meta.get("drop", 0),
                            "active_ffn": active / n, "extra": args.extra, **proc,
                            "tokens_per_s": (meta.get("final_terms") or {}).get("tokens_per_s", ""),
-                           "val_ppl": meta["val_ppl"], **score(out, method, args.eval_tokens, not args.no_cloze)}
+                           "val_ppl": meta["val_ppl"], "rss_by_stage": meta.get("peak_rss_mb"),
+                           **score(out, method, args.eval_tokens, not args.no_cloze)}
                     records = [r for r in records if not all(r.get(k) == rec[k] for k in
                                                              ("model", "method", "experts", "top_k", "tokens",
                                                               "seed", "extra"))] + [rec]

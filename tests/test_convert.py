@@ -138,6 +138,19 @@ def test_config_values_are_type_checked_and_yaml_float_strings_are_read_as_float
             ConvertConfig(**bad)
 
 
+@torch.no_grad()
+def _mlp_inputs_one_sequence_at_a_time(model, mlps, batches):
+    """Inputs of each MLP from full-model forwards of one sequence each (independent of convert's batched hooks)."""
+    store = [[] for _ in mlps]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: store[i].append(args[0].reshape(-1, args[0].shape[-1])))
+             for i, m in enumerate(mlps)]
+    for batch in batches:
+        model(input_ids=batch.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    return [torch.cat(s).float() for s in store]
+
+
 def test_default_shared_and_dropped_columns_hold_the_budget_and_export_exactly(tiny_llama_dir, tiny_text, tmp_path):
     """The default structure: an always-on shared expert of the most important neurons and dropped least important
     ones, sized so the active FFN budget is exactly k/E; the export leaves the dropped neurons out and reproduces
@@ -145,7 +158,7 @@ def test_default_shared_and_dropped_columns_hold_the_budget_and_export_exactly(t
     import json
 
     from dotmoe.output_aware import neuron_importance
-    from dotmoe.train import calibration_sequences, collect_mlp_inputs, prepare
+    from dotmoe.train import calibration_sequences, prepare
 
     cfg = _cfg(tiny_llama_dir, tiny_text, tmp_path / "o", shared_fraction=None, tokens=0, export_format="auto")
     result = convert(cfg, progress=False)
@@ -158,7 +171,7 @@ def test_default_shared_and_dropped_columns_hold_the_budget_and_export_exactly(t
         assert torch.bincount(row, minlength=e + 2).tolist() == s["capacities"]
     # dropped = the least important neurons of each layer (the same calibration tokens as the conversion)
     prep = prepare(_cfg(tiny_llama_dir, tiny_text, tmp_path / "p", shared_fraction=None, tokens=0))
-    inputs = collect_mlp_inputs(prep.model, prep.mlps, calibration_sequences(prep.seqs, cfg))
+    inputs = _mlp_inputs_one_sequence_at_a_time(prep.model, prep.mlps, calibration_sequences(prep.seqs, cfg))
     for layer, (mlp, x) in enumerate(zip(prep.mlps, inputs)):
         least = set(neuron_importance(mlp, x).argsort()[: s["drop"]].tolist())
         assert set((result.partition[layer] == e + 1).nonzero().flatten().tolist()) == least

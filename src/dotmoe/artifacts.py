@@ -56,19 +56,20 @@ def save_trained_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
     _atomic_write(out / TRAINED_WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
-def trained_weights(model, keep: bool = True) -> dict[str, torch.Tensor]:
+def trained_weights(model, keep: bool = True, only=None) -> dict[str, torch.Tensor]:
     """The dense weights of a model whose FFN/other weights were trained, MoeMLP wrappers and routers removed.
 
     Keys are the original checkpoint names; a tied output embedding is stored once (as the input one). Sharded
     (FSDP2) parameters are gathered whole, so under FSDP every process must call this; with `keep=False` (the
     processes that do not write) each gathered tensor is dropped at once and an empty dict is returned.
+    `only(name)` keeps a subset (e.g. the refitted down projections).
     """
     from dotmoe.sharding import full_tensor
 
     state = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if ".router." in name or id(tensor) in seen:
+        if ".router." in name or id(tensor) in seen or (only is not None and not only(name)):
             continue
         seen.add(id(tensor))
         whole = full_tensor(tensor.detach())

@@ -58,6 +58,11 @@ class ConvertConfig:
     init_scale: float = 1.0
     init_router: str = "lstsq"
     calib_tokens: int = 16_384
+    # after the partition and routers are final: refit each FFN's down projection by least squares so the sparse
+    # FFN reproduces the dense one on the calibration tokens, layer by layer (dotmoe.refit). Training-free; joint
+    # mode with frozen FFN weights (router+assignment) and --method prune. On SmolLM2 at 25% active: PPL ratio 34.6
+    # -> 6.0.
+    refit_down: bool = True
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     z_weight: float = 1e-3

@@ -40,14 +40,17 @@ class MoeMLP(nn.Module):
         if self.assignment is None:
             raise RuntimeError("MoeMLP has no assignment; call the assigner before the forward")
         h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        return mlp.down_proj(h * self.neuron_gates(x).to(h.dtype))
+
+    def neuron_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-neuron gate [..., N] of the tokens x: G M^T (router gates + the fixed shared / dropped columns)."""
         routed = self.router(x)
         self.last_router = routed
         gates = routed.gates
         fixed = [1.0] * self.shared + [0.0] * self.dropped  # shared expert always on; dropped neurons never
         if fixed:
             gates = torch.cat([gates, gates.new_tensor(fixed).expand(gates.shape[:-1] + (len(fixed),))], dim=-1)
-        neuron_gate = gates @ self.assignment.t().to(gates.dtype)
-        return mlp.down_proj(h * neuron_gate.to(h.dtype))
+        return gates @ self.assignment.t().to(gates.dtype)
 
 
 def install_moe(model: nn.Module, num_experts: int, top_k: int, gating: str, shared: bool,

@@ -27,7 +27,7 @@ def _windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, max_len: int = 256, stride: int = 128, max_tokens: int | None = None,
-               batch_size: int = 16, progress: bool = False, max_logits_bytes: int = 512 * 2**20) -> float:
+               batch_size: int = 16, progress: bool = False, max_logits_bytes: int = 128 * 2**20) -> float:
     """Perplexity of `model` on a 1-D id stream."""
     if not 0 < stride <= max_len:
         raise ValueError("need 0 < stride <= max_len")

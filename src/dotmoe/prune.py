@@ -2,7 +2,9 @@
 
 Keeps, in every layer, the `shared + (N - shared - drop) * k / E` most important neurons (mean |h_n| * ||W_down[:, n]||
 on calibration tokens), so the pruned dense FFN has the MoE's active FFN parameter count. Training-free; the
-output is a plain dense checkpoint of the same class with a smaller `intermediate_size`.
+output is a plain dense checkpoint of the same class with a smaller `intermediate_size`. With `refit_down` (the
+default, as for the MoE methods) the kept down projections are refitted by least squares (dotmoe.refit), which is
+pruning with reconstruction.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
 from dotmoe.guards import prepare_output
 from dotmoe.perplexity import perplexity
+from dotmoe.resources import StagePeaks
 
 
 def kept_neurons(cfg: ConvertConfig, num_neurons: int) -> int:
@@ -35,7 +38,28 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
     return new
 
 
-def prune_convert(cfg: ConvertConfig, prep):
+def _slice_mlp(mlp: nn.Module, index: torch.Tensor) -> None:
+    """Keep only the neurons `index` of a gated MLP (in place)."""
+    mlp.gate_proj = _slice_linear(mlp.gate_proj, index, 0)
+    mlp.up_proj = _slice_linear(mlp.up_proj, index, 0)
+    mlp.down_proj = _slice_linear(mlp.down_proj, index, 1)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(index)
+
+
+def _pruned_problem(mlp: nn.Module, index: torch.Tensor):
+    """dotmoe.refit's problem for a pruned MLP: target the full MLP's output, then slice it; features = the kept
+    neurons' activations."""
+
+    def build(x: torch.Tensor):
+        y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        _slice_mlp(mlp, index)
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), y, mlp.down_proj
+
+    return build
+
+
+def prune_convert(cfg: ConvertConfig, prep, peaks=None):
     """Prune every gated MLP of `prep.model` in place, save it to <out>/model, and write the summary."""
     from pathlib import Path
 
@@ -47,19 +71,26 @@ def prune_convert(cfg: ConvertConfig, prep):
     with torch.no_grad():
         dense_ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
     keep = kept_neurons(cfg, n)
-    inputs = prep.calibration_inputs(cfg)
-    kept = []
-    for mlp, x in zip(prep.mlps, inputs):
-        index = prune_keep(mlp, x, keep)
-        kept.append(index)
-        mlp.gate_proj = _slice_linear(mlp.gate_proj, index, 0)
-        mlp.up_proj = _slice_linear(mlp.up_proj, index, 0)
-        mlp.down_proj = _slice_linear(mlp.down_proj, index, 1)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = keep
+    kept = prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep))
+    peaks = peaks if peaks is not None else StagePeaks()
+    peaks.mark("calibrate")
+    refit_errors = None
+    if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
+        from dotmoe.refit import refit_sequentially
+        from dotmoe.train import calibration_sequences
+
+        problems = [_pruned_problem(mlp, index) for mlp, index in zip(prep.mlps, kept)]
+        refit_errors = refit_sequentially(model.get_decoder(), prep.mlps, problems,
+                                          calibration_sequences(prep.seqs, cfg))
+    else:
+        for mlp, index in zip(prep.mlps, kept):
+            _slice_mlp(mlp, index)
     model.config.intermediate_size = keep
+    if refit_errors is not None:
+        peaks.mark("refit")
     with torch.no_grad():
         ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    peaks.mark("evaluate")
     prepare_output(out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
@@ -73,6 +104,7 @@ def prune_convert(cfg: ConvertConfig, prep):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    peaks.mark("export")
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     if not model.config.tie_word_embeddings:
@@ -84,7 +116,7 @@ def prune_convert(cfg: ConvertConfig, prep):
         "base_model": str(prep.model_path.resolve()), "train_tokens": 0, "steps": 0,
         "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "val_ppl": round(ppl, 4),
         "dense_val_ppl": round(dense_ppl, 4), "ppl_ratio": round(ppl / dense_ppl, 4), "eval_curve": [],
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict(), "peak_rss_mb": peaks, "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
         "export": {"dir": str(model_dir), "architecture": type(model).__name__, "exact": True,
                    "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,
                    "parity": {}},

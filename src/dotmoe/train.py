@@ -91,31 +91,60 @@ def _seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def collect_mlp_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Tensor) -> list[torch.Tensor]:
-    """Inputs x [tokens, d] of each dense MLP on `batches` (dense forward)."""
-    store: list[list[torch.Tensor]] = [[] for _ in mlps]
-    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: store[i].append(args[0].reshape(-1, args[0].shape[-1])))
-             for i, m in enumerate(mlps)]
+def map_layer_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Tensor, fn) -> list:
+    """[fn(i, x_i) for every MLP i], x_i [tokens, d] its dense input on `batches` [B, S], in one forward of the
+    decoder (no LM head). Each layer's inputs are freed once fn returns: one layer's calibration activations are
+    resident at a time, not all L layers' (1.1 GB for SmolLM2-135M at 16k tokens)."""
+    results: list = [None] * len(mlps)
+
+    def hook_for(i: int):
+        def hook(module, args):
+            results[i] = fn(i, args[0].reshape(-1, args[0].shape[-1]).float())
+        return hook
+
+    hooks = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(mlps)]
     try:
-        for batch in batches:
-            model(input_ids=batch.unsqueeze(0))
+        model.get_decoder()(input_ids=batches.to(next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(s).float() for s in store]
+    return results
+
+
+# Scale of the lstsq router's logits (standardised scores times this). Softer logits bring the selected experts'
+# softmax gates (k * p_e / sum_topk p) closer to 1, i.e. closer to the dense FFN; the top-k choice is unchanged.
+# SmolLM2-135M, E=8/k=2, training-free: PPL ratio 39.4 / 34.6 / 35.1 / 35.7 at 1 / 0.3 / 0.1 / 0.01, and with the
+# down-projection refit 6.02 at 1 vs 5.60 at 0.3.
+LSTSQ_ROUTER_SCALE = 0.3
 
 
 def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Analytic router init: least-squares map x -> standardised norm of each expert's output contribution
-    ||(|h_i| * ||W_down[:, i]||)_{i in e}|| (output-aware: a neuron with a large down projection counts more)."""
+    ||(|h_i| * ||W_down[:, i]||)_{i in e}|| (output-aware: a neuron with a large down projection counts more),
+    times LSTSQ_ROUTER_SCALE."""
     from dotmoe.output_aware import neuron_contributions
 
     contrib = neuron_contributions(mlp, x)
     scores = torch.stack([contrib[:, partition == e].norm(dim=-1) for e in range(num_experts)], dim=-1)
-    scores = (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
+    scores = LSTSQ_ROUTER_SCALE * (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
     ridge = 1e-3 * x.pow(2).mean()
     w = torch.linalg.solve(x.t() @ x + ridge * x.shape[0] * torch.eye(x.shape[1]), x.t() @ scores)
     return w.t().contiguous()
+
+
+def refits_down(cfg: ConvertConfig) -> bool:
+    """Whether this conversion ends with the least-squares refit of the down projections (dotmoe.refit): asked
+    for, and the FFN weights were not trained end to end (that training already adapted them)."""
+    return cfg.refit_down and cfg.trainable == "router+assignment"
+
+
+def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor, progress: bool) -> list[float]:
+    """Refit every MoeMLP's down projection on `calib` [B, S] (sequentially, see dotmoe.refit); returns the
+    per-layer relative errors. The down projections become trainable-state weights that the export writes."""
+    from dotmoe.refit import moe_problem, refit_sequentially
+
+    calib = calib.to(next(model.parameters()).device)
+    return refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], calib, progress=progress)
 
 
 def layer_partition(kind: str, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor, shared: int,
@@ -149,14 +178,21 @@ def partition_kind(cfg: ConvertConfig) -> str:
     return cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
 
 
-def initial_partitions(cfg: ConvertConfig, mlps: list[nn.Module], caps: torch.Tensor,
-                       mlp_inputs: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Starting partition [L, N] of every layer (for baselines: the final one), and the method's analytic
-    routers when it has them."""
+def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Module], caps: torch.Tensor,
+                       calib: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Starting partition [L, N] of every layer (for baselines: the final one) and the starting routers (the
+    method's analytic ones, else the lstsq init when asked for, else None: random). `calib` [B, S] are the
+    calibration sequences (None for the methods that need no activations)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    inputs = mlp_inputs or [None] * len(mlps)
-    pairs = [layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop)
-             for mlp, x in zip(mlps, inputs)]
+
+    def layer(i: int, x: torch.Tensor | None):
+        part, router = layer_partition(partition_kind(cfg), mlps[i], x, caps, cfg.shared, gen, cfg.drop)
+        if router is None and cfg.init_router == "lstsq" and x is not None:
+            router = lstsq_router(mlps[i], x, part, cfg.experts)
+        return part, router
+
+    pairs = map_layer_inputs(model, mlps, calib, layer) if calib is not None else \
+        [layer(i, None) for i in range(len(mlps))]
     routers = [r for _, r in pairs]
     return torch.stack([p for p, _ in pairs]), None if routers[0] is None else routers
 
@@ -201,6 +237,8 @@ def export_and_record(out: Path, cfg: ConvertConfig, summary: dict, progress: bo
     exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, check_tokens=check_tokens,
                       progress=progress, require_complete=False)
     summary["export"] = exported.summary()
+    if "peak_rss_mb" in summary:
+        summary["peak_rss_mb"].mark("export")
     write_meta(out, summary)
 
 
@@ -328,9 +366,10 @@ class Prepared:
     def num_neurons(self) -> int:
         return self.mlps[0].gate_proj.out_features
 
-    def calibration_inputs(self, cfg: ConvertConfig) -> list[torch.Tensor]:
-        """Dense MLP inputs on `calib_tokens` tokens of (shuffled) training data."""
-        return collect_mlp_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg))
+    def map_calibration_inputs(self, cfg: ConvertConfig, fn) -> list:
+        """[fn(i, x_i)] on the dense MLP inputs of `calib_tokens` tokens of (shuffled) training data, one layer's
+        inputs resident at a time (`map_layer_inputs`)."""
+        return map_layer_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg), fn)
 
 
 def prepare(cfg: ConvertConfig) -> Prepared:
@@ -403,35 +442,37 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     """The joint (end-to-end KL) conversion into cfg.out, whose state `convert` has checked."""
     from transformers import get_cosine_schedule_with_warmup
 
+    from dotmoe.resources import StagePeaks
+
     accelerator = _accelerator(cfg)
     _seed_everything(cfg.seed)
+    peaks = StagePeaks()
     prep = prepare(cfg)
+    peaks.mark("load")
     if cfg.method == "prune":
         from dotmoe.prune import prune_convert
 
-        return prune_convert(cfg, prep)
+        return prune_convert(cfg, prep, peaks)
     model, model_path, seqs, eval_ids = prep.model, prep.model_path, prep.seqs, prep.eval_ids
     out = Path(cfg.out)
     mlp_names, mlps, num_neurons = prep.mlp_names, prep.mlps, prep.num_neurons
     caps = torch.tensor(cfg.column_capacities(num_neurons))
     if cfg.init_from:  # an earlier conversion's partition and routers, e.g. a layer-wise pass
-        partitions, analytic_routers = starting_point(cfg, len(mlps), num_neurons, caps)
-        mlp_inputs = None
+        partitions, start_routers = starting_point(cfg, len(mlps), num_neurons, caps)
     else:
         needs_inputs = cfg.init_router == "lstsq" or cfg.drop > 0 or \
             partition_kind(cfg) in ("activation", "hidden-kmeans-router", "coactivation")
-        mlp_inputs = prep.calibration_inputs(cfg) if needs_inputs else None
-        partitions, analytic_routers = initial_partitions(cfg, mlps, caps, mlp_inputs)
+        calib = calibration_sequences(seqs, cfg) if needs_inputs else None
+        partitions, start_routers = initial_partitions(cfg, model, mlps, caps, calib)
+    peaks.mark("calibrate")
 
     teacher = copy.deepcopy(model).eval() if cfg.trainable != "router+assignment" and cfg.kl_weight > 0 else None
     moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0, dropped=cfg.drop > 0)
     torch.manual_seed(cfg.seed)
     for layer, moe in enumerate(moes):
         moe.router.weight.data.normal_(std=moe.router.weight.shape[1] ** -0.5)
-        if analytic_routers is not None:  # the baseline's own router, or the --init-from one
-            moe.router.weight.data.copy_(analytic_routers[layer])
-        elif cfg.init_router == "lstsq":
-            moe.router.weight.data.copy_(lstsq_router(moe.dense, mlp_inputs[layer], partitions[layer], cfg.experts))
+        if start_routers is not None:  # the baseline's own router, the lstsq init, or the --init-from one
+            moe.router.weight.data.copy_(start_routers[layer])
     affinity = cfg.init_scale * torch.nn.functional.one_hot(partitions, len(caps)).float()
     if cfg.method == "dotmoe" and cfg.init_affinity == "random" and not cfg.init_from:
         affinity = 0.01 * torch.randn(partitions.shape + (len(caps),), generator=torch.Generator().manual_seed(cfg.seed))
@@ -588,20 +629,33 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     stop_at_step_boundaries(False)
 
     raw.eval()
+    peaks.mark("train")
     if cfg.steps == 0:  # training-free: the initial partition at the final temperature
         raw.assigner.tau = cfg.tau_end
     with gathered(raw):  # FSDP: the root's parameters whole; each decoder layer unshards in its own forward
         with torch.no_grad():
             partition = raw.set_assignment().hard
-        final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
-        if dense_ppl is None:
+        if dense_ppl is None:  # before the refit, which changes the down projections the dense teacher uses
             with moe_disabled(raw.model):
                 dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+        refit_errors = None
+        from accelerate.utils import DistributedType
+
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if refits_down(cfg) and fsdp:  # a weight written inside an FSDP unit's forward lands in a discarded copy
+            print("dotmoe: warning: the down-projection refit (--refit-down) does not run under FSDP; skipped",
+                  file=sys.stderr)
+        elif refits_down(cfg):
+            refit_errors = refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg), progress)
+            peaks.mark("refit")
+        final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+        peaks.mark("evaluate")
         routers = [full_tensor(m.router.weight.detach()).clone() for m in raw.moes]  # every process (collective)
-        if cfg.trainable != "router+assignment":
+        if cfg.trainable != "router+assignment" or refit_errors is not None:
             from dotmoe.artifacts import save_trained_weights, trained_weights
 
-            weights = trained_weights(raw.model, keep=accelerator.is_main_process)  # every process: a collective
+            only = None if cfg.trainable != "router+assignment" else (lambda name: name.endswith("down_proj.weight"))
+            weights = trained_weights(raw.model, keep=accelerator.is_main_process, only=only)  # a collective
             if accelerator.is_main_process:
                 save_trained_weights(out, weights)
             del weights
@@ -615,6 +669,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "final_terms": {k: v for k, v in history[-1].items() if k not in ("step", "tokens")} if history else {},
         "val_ppl": round(final_ppl, 4), "dense_val_ppl": round(dense_ppl, 4),
         "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
+        "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
+        "peak_rss_mb": peaks,
     }
     if accelerator.is_main_process:
         from dotmoe.artifacts import mark_complete, save_conversion

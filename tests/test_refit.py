@@ -1,0 +1,113 @@
+"""The least-squares refit of the down projections (dotmoe.refit): the solver against numpy's lstsq, exactness when
+nothing is sparse, sequential inputs, and what it does to a conversion (lower error, exported with parity)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dotmoe.config import ConvertConfig
+from dotmoe.refit import least_squares_down, moe_problem, refit_sequentially
+
+
+def test_least_squares_down_matches_numpy_lstsq():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 24, generator=gen)
+    y = z @ torch.randn(24, 10, generator=gen) + 0.1 * torch.randn(300, 10, generator=gen)
+    reference = np.linalg.lstsq(z.double().numpy(), y.double().numpy(), rcond=None)[0].T
+    np.testing.assert_allclose(least_squares_down(z, y, ridge=1e-12).numpy(), reference, rtol=1e-6, atol=1e-8)
+    # the ridge shrinks the solution
+    assert least_squares_down(z, y, ridge=10.0).norm() < 0.8 * torch.from_numpy(reference).norm()
+
+
+def test_never_active_neurons_get_zero_weight():
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(200, 8, generator=gen)
+    z[:, 3] = 0  # e.g. a dropped neuron: its gate is 0 on every token
+    y = torch.randn(200, 5, generator=gen)
+    w = least_squares_down(z, y)
+    assert torch.all(w[:, 3] == 0)
+    assert w[:, :3].abs().sum() > 0
+
+
+def _tiny_moe_model(tiny_llama_dir, partition_of, top_k=1):
+    from dotmoe.architecture import load_causal_lm
+    from dotmoe.moe_mlp import install_moe
+    from dotmoe.rounding import one_hot_assignment
+
+    model, _ = load_causal_lm(tiny_llama_dir)
+    model.requires_grad_(False)
+    n = model.config.intermediate_size
+    moes = install_moe(model, 4, top_k, "mask", shared=True)
+    for layer, moe in enumerate(moes):
+        moe.assignment = one_hot_assignment(partition_of(layer, n), 5)
+    return model, moes
+
+
+def test_refit_is_exact_when_every_neuron_is_active(tiny_llama_dir):
+    """All neurons in the always-on shared column: the MoE is the dense FFN, and the refit must return W_down."""
+    model, moes = _tiny_moe_model(tiny_llama_dir, lambda layer, n: torch.full((n,), 4))
+    before = [m.dense.down_proj.weight.clone() for m in moes]
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    errors = refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], ids, ridge=1e-10)
+    for m, w in zip(moes, before):
+        torch.testing.assert_close(m.dense.down_proj.weight, w, rtol=1e-3, atol=1e-4)
+    assert max(errors) < 1e-4
+
+
+def test_refit_lowers_the_error_and_sees_the_converted_inputs(tiny_llama_dir):
+    """Sparse MoE: each layer's refit error is below its error with the dense W_down on the same inputs, and the
+    inputs a layer is refitted on are the converted model's (not the dense model's)."""
+    n_shared = 8
+    model, moes = _tiny_moe_model(tiny_llama_dir,
+                                  lambda layer, n: torch.cat([torch.full((n_shared,), 4), torch.arange(n - n_shared) % 4]))
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    seen, before_errors = [], []
+    problems = []
+    for moe in moes:
+        build = moe_problem(moe)
+
+        def spy(x, build=build):
+            z, y, down = build(x)
+            seen.append(x.clone())
+            before_errors.append(float((y - z @ down.weight.t()).norm() / y.norm()))
+            return z, y, down
+        problems.append(spy)
+    # inputs of the MLPs in a forward of the unrefitted model: layer 0's must match, later ones must differ
+    store = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: store.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+             for m in moes]
+    with torch.no_grad():
+        model.get_decoder()(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    errors = refit_sequentially(model.get_decoder(), moes, problems, ids)
+    assert all(after < before for after, before in zip(errors, before_errors)), (errors, before_errors)
+    torch.testing.assert_close(seen[0], store[0])
+    assert not torch.allclose(seen[-1], store[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dotmoe", "prune"])
+def test_conversion_refit_improves_perplexity_and_exports_it(method, tmp_path):
+    """Training-free on the bundled reference model: the refit lowers validation perplexity; for the MoE the
+    refitted down projections are what the export carries (convert's own parity check compares the reloaded
+    export with the sparse model)."""
+    from dotmoe.paths import reference_data_file
+    from dotmoe.train import convert
+
+    common = dict(method=method, experts=8, top_k=2, tokens=0, calib_tokens=4096, eval_tokens=4096,
+                  eval_data=[str(reference_data_file("validation"))])
+    off = convert(ConvertConfig(**common, refit_down=False, out=str(tmp_path / "off"),
+                                export_format="none"), progress=False).summary
+    on = convert(ConvertConfig(**common, out=str(tmp_path / "on")), progress=False).summary
+    assert on["val_ppl"] < 0.95 * off["val_ppl"], (on["val_ppl"], off["val_ppl"])
+    # the dense reference is the untouched model (measured before the refit changes the down projections)
+    assert on["dense_val_ppl"] == pytest.approx(off["dense_val_ppl"], rel=1e-6)
+    assert off["refit_errors"] is None and len(on["refit_errors"]) == on["num_layers"]
+    if method == "dotmoe":
+        from safetensors.torch import load_file
+
+        saved = load_file(str(tmp_path / "on" / "trained_weights.safetensors"))
+        assert saved and all(k.endswith("down_proj.weight") for k in saved)
+        assert on["export"]["parity"]["max_abs_logit_diff"] < 1e-3, on["export"]["parity"]
