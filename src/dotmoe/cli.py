@@ -46,6 +46,10 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data scored for perplexity (default 32768)")
     p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
                    "(default 16384)")
+    p.add_argument("--refit-down", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the conversion, refit the FFN down projections by least squares on the calibration "
+                   "tokens so the sparse FFNs reproduce the dense ones (default on; joint mode with frozen FFN "
+                   "weights, and --method prune)")
     p.add_argument("--eval-every", type=int, help="evaluate validation perplexity every N steps (0 = end only)")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")
@@ -220,6 +224,19 @@ def demo_report(out_dirs: list[Path], header: str) -> str:
     return "\n".join(lines)
 
 
+def cmd_sample_data(args: argparse.Namespace) -> None:
+    from dotmoe.architecture import load_causal_lm
+    from dotmoe.guards import check_file_destination
+    from dotmoe.self_data import sample_texts, write_texts
+
+    check_file_destination(args.out, "--out")
+    if Path(args.out).exists() and not args.overwrite:
+        raise DotMoeError(f"--out {args.out} exists; pass --overwrite to replace it")
+    model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    texts = sample_texts(model.eval(), tokenizer, args.tokens, args.length, args.batch, args.top_p, args.seed)
+    print(f"{len(texts)} samples -> {write_texts(texts, args.out)}")
+
+
 def cmd_train_reference(args: argparse.Namespace) -> None:
     import runpy
 
@@ -280,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 16384)")
     p.add_argument("--eval-every", type=int, default=20, help="validation PPL every N steps")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("sample-data", help="data-free: write text sampled from the dense model (for --data)")
+    p.add_argument("--model", required=True, help="dense HF model directory or .gguf file")
+    p.add_argument("--out", required=True, help="the .txt file to write")
+    p.add_argument("--tokens", type=int, default=65_536, help="tokens to sample (default 65536)")
+    p.add_argument("--length", type=int, default=256, help="new tokens per sample")
+    p.add_argument("--batch", type=int, default=16, help="samples generated at once")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_sample_data)
     p = sub.add_parser("info", help="paths and numbers of the bundled reference model and data")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("train-reference", help="retrain the bundled reference model (source checkout)")
