@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dotmoe.config import ConvertConfig
-from dotmoe.refit import least_squares_down, moe_problem, refit_sequentially
+from dotmoe.refit import choose_ridge, least_squares_down, moe_problem, refit_sequentially
 
 
 def test_least_squares_down_matches_numpy_lstsq():
@@ -26,9 +26,19 @@ def test_never_active_neurons_get_zero_weight():
     z = torch.randn(200, 8, generator=gen)
     z[:, 3] = 0  # e.g. a dropped neuron: its gate is 0 on every token
     y = torch.randn(200, 5, generator=gen)
-    w = least_squares_down(z, y)
+    w = least_squares_down(z, y, 1e-4)
     assert torch.all(w[:, 3] == 0)
     assert w[:, :3].abs().sum() > 0
+
+
+def test_choose_ridge_follows_the_noise():
+    """Many tokens of a clean linear map: the smallest ridge; few noisy tokens for many features: a large one."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 8, generator=gen)
+    z = torch.randn(4000, 64, generator=gen)
+    assert choose_ridge(z, z @ w + 1e-3 * torch.randn(4000, 8, generator=gen)) == 1e-5
+    z = torch.randn(80, 64, generator=gen)
+    assert choose_ridge(z, z @ w + 5.0 * torch.randn(80, 8, generator=gen)) >= 1e-2
 
 
 def _tiny_moe_model(tiny_llama_dir, partition_of, top_k=1):
@@ -50,7 +60,7 @@ def test_refit_is_exact_when_every_neuron_is_active(tiny_llama_dir):
     model, moes = _tiny_moe_model(tiny_llama_dir, lambda layer, n: torch.full((n,), 4))
     before = [m.dense.down_proj.weight.clone() for m in moes]
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    errors = refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], ids, ridge=1e-10)
+    errors, _ = refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], ids, ridge=1e-10)
     for m, w in zip(moes, before):
         torch.testing.assert_close(m.dense.down_proj.weight, w, rtol=1e-3, atol=1e-4)
     assert max(errors) < 1e-4
@@ -82,7 +92,8 @@ def test_refit_lowers_the_error_and_sees_the_converted_inputs(tiny_llama_dir):
         model.get_decoder()(input_ids=ids)
     for h in hooks:
         h.remove()
-    errors = refit_sequentially(model.get_decoder(), moes, problems, ids)
+    errors, ridges = refit_sequentially(model.get_decoder(), moes, problems, ids)
+    assert all(r in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1) for r in ridges)
     assert all(after < before for after, before in zip(errors, before_errors)), (errors, before_errors)
     torch.testing.assert_close(seen[0], store[0])
     assert not torch.allclose(seen[-1], store[-1], atol=1e-4)

@@ -74,13 +74,13 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
     kept = prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep))
     peaks = peaks if peaks is not None else StagePeaks()
     peaks.mark("calibrate")
-    refit_errors = None
+    refit_errors = refit_ridges = None
     if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
         from dotmoe.refit import refit_sequentially
         from dotmoe.train import calibration_sequences
 
         problems = [_pruned_problem(mlp, index) for mlp, index in zip(prep.mlps, kept)]
-        refit_errors = refit_sequentially(model.get_decoder(), prep.mlps, problems,
+        refit_errors, refit_ridges = refit_sequentially(model.get_decoder(), prep.mlps, problems,
                                           calibration_sequences(prep.seqs, cfg))
     else:
         for mlp, index in zip(prep.mlps, kept):
@@ -117,6 +117,7 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
         "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "val_ppl": round(ppl, 4),
         "dense_val_ppl": round(dense_ppl, 4), "ppl_ratio": round(ppl / dense_ppl, 4), "eval_curve": [],
         "config": cfg.to_dict(), "peak_rss_mb": peaks, "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
+        "refit_ridges": refit_ridges,
         "export": {"dir": str(model_dir), "architecture": type(model).__name__, "exact": True,
                    "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,
                    "parity": {}},

@@ -138,9 +138,11 @@ def refits_down(cfg: ConvertConfig) -> bool:
     return cfg.refit_down and cfg.trainable == "router+assignment"
 
 
-def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor, progress: bool) -> list[float]:
+def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor,
+                   progress: bool) -> tuple[list[float], list[float]]:
     """Refit every MoeMLP's down projection on `calib` [B, S] (sequentially, see dotmoe.refit); returns the
-    per-layer relative errors. The down projections become trainable-state weights that the export writes."""
+    per-layer relative errors and ridges. The refitted down projections are saved as trained weights, which the
+    export writes."""
     from dotmoe.refit import moe_problem, refit_sequentially
 
     calib = calib.to(next(model.parameters()).device)
@@ -638,7 +640,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         if dense_ppl is None:  # before the refit, which changes the down projections the dense teacher uses
             with moe_disabled(raw.model):
                 dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
-        refit_errors = None
+        refit_errors = refit_ridges = None
         from accelerate.utils import DistributedType
 
         fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -646,7 +648,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             print("dotmoe: warning: the down-projection refit (--refit-down) does not run under FSDP; skipped",
                   file=sys.stderr)
         elif refits_down(cfg):
-            refit_errors = refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg), progress)
+            refit_errors, refit_ridges = refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg),
+                                                        progress)
             peaks.mark("refit")
         final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
         peaks.mark("evaluate")
@@ -670,6 +673,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "val_ppl": round(final_ppl, 4), "dense_val_ppl": round(dense_ppl, 4),
         "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
         "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
+        "refit_ridges": refit_ridges,
         "peak_rss_mb": peaks,
     }
     if accelerator.is_main_process:
