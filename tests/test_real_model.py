@@ -32,7 +32,7 @@ def _convert(model, method, top_k, out):
     from dotmoe.train import convert
 
     cfg = ConvertConfig(model=str(model), method=method, experts=8, top_k=top_k, tokens=0, out=str(out),
-                        calib_tokens=4096, eval_tokens=4096, eval_data=[str(reference_data_file("wiki_test"))],
+                        calib_tokens=8192, eval_tokens=4096, eval_data=[str(reference_data_file("wiki_test"))],
                         export_format="none")
     return convert(cfg, progress=False).summary
 
