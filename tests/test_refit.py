@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dotmoe.config import ConvertConfig
-from dotmoe.refit import RIDGE_GRID, choose_ridge, least_squares_down, moe_problem, refit_sequentially
+from dotmoe.refit import RIDGE_GRID, choose_ridge, fit_layer, least_squares_down, moe_problem, refit_sequentially
 
 
 def test_least_squares_down_matches_numpy_lstsq():
@@ -16,7 +16,11 @@ def test_least_squares_down_matches_numpy_lstsq():
     z = torch.randn(300, 24, generator=gen)
     y = z @ torch.randn(24, 10, generator=gen) + 0.1 * torch.randn(300, 10, generator=gen)
     reference = np.linalg.lstsq(z.double().numpy(), y.double().numpy(), rcond=None)[0].T
-    np.testing.assert_allclose(least_squares_down(z, y, ridge=1e-12).numpy(), reference, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(least_squares_down(z, y, ridge=1e-12).numpy(), reference, rtol=1e-4, atol=1e-6)
+    # the ridge chosen on held-out tokens, then refitted on all of them: what choose_ridge + least_squares_down give
+    w, ridge = fit_layer(z, y)
+    assert ridge == choose_ridge(z, y)
+    torch.testing.assert_close(w, least_squares_down(z, y, ridge), rtol=1e-3, atol=1e-6)
     # the ridge shrinks the solution
     assert least_squares_down(z, y, ridge=10.0).norm() < 0.8 * torch.from_numpy(reference).norm()
 

@@ -41,25 +41,51 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * gram.diagonal().mean().clamp_min(1e-30) * eye, rhs).t()
 
 
+def _normal_equations(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z^T z, z^T y) in fp64, multiplied in fp32: no fp64 copy of the [tokens, N] features (SparseGPT keeps its
+    Hessians in fp32 too; the ridge bounds the condition number)."""
+    z, y = z.float(), y.float()
+    return (z.t() @ z).double(), (z.t() @ y).double()
+
+
 @torch.no_grad()
 def least_squares_down(z: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
-    """W [d, n] minimising ||y - z W^T||^2 + ridge * mean(diag(z^T z)) ||W||^2 (fp64 normal equations).
+    """W [d, n] minimising ||y - z W^T||^2 + ridge * mean(diag(z^T z)) ||W||^2.
 
     Columns of z that are zero on every token (neurons never active, e.g. dropped ones) get weight 0."""
-    z, y = z.double(), y.double()
-    return _solve(z.t() @ z, z.t() @ y, ridge)
+    return _solve(*_normal_equations(z, y), ridge)
+
+
+def _best_ridge(gram: torch.Tensor, rhs: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
+                grid: tuple[float, ...]) -> float:
+    test_z, test_y = test_z.float(), test_y.float()
+    errors = [float((test_y - test_z @ _solve(gram, rhs, r).float().t()).pow(2).sum()) for r in grid]
+    return grid[min(range(len(grid)), key=errors.__getitem__)]
+
+
+def _holdout_cut(tokens: int, holdout: float) -> int:
+    return tokens - max(1, int(tokens * holdout))
 
 
 @torch.no_grad()
 def choose_ridge(z: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...] = RIDGE_GRID,
                  holdout: float = HOLDOUT_FRACTION) -> float:
     """The ridge of `grid` whose fit on all but the last `holdout` of the tokens predicts those best."""
-    cut = len(z) - max(1, int(len(z) * holdout))
-    z, y = z.double(), y.double()
-    fit_z, fit_y, test_z, test_y = z[:cut], y[:cut], z[cut:], y[cut:]
-    gram, rhs = fit_z.t() @ fit_z, fit_z.t() @ fit_y
-    errors = [float((test_y - test_z @ _solve(gram, rhs, r).t()).pow(2).sum()) for r in grid]
-    return grid[min(range(len(grid)), key=errors.__getitem__)]
+    cut = _holdout_cut(len(z), holdout)
+    return _best_ridge(*_normal_equations(z[:cut], y[:cut]), z[cut:], y[cut:], grid)
+
+
+@torch.no_grad()
+def fit_layer(z: torch.Tensor, y: torch.Tensor, ridge: float | None = None) -> tuple[torch.Tensor, float]:
+    """(W [d, n], ridge): `least_squares_down` on all tokens, the ridge given or chosen as `choose_ridge` does
+    (the normal equations of the two token parts are computed once and added)."""
+    if ridge is not None:
+        return least_squares_down(z, y, ridge), ridge
+    cut = _holdout_cut(len(z), HOLDOUT_FRACTION)
+    gram, rhs = _normal_equations(z[:cut], y[:cut])
+    ridge = _best_ridge(gram, rhs, z[cut:], y[cut:], RIDGE_GRID)
+    test_gram, test_rhs = _normal_equations(z[cut:], y[cut:])
+    return _solve(gram + test_gram, rhs + test_rhs, ridge), ridge
 
 
 @torch.no_grad()
@@ -80,10 +106,10 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1])
             z, y, down = problems[i](x)
-            ridges[i] = choose_ridge(z, y) if ridge is None else ridge
-            weight = least_squares_down(z, y, ridges[i])
+            weight, ridges[i] = fit_layer(z, y, ridge)
             down.weight.copy_(weight.to(down.weight.dtype))
-            errors[i] = float((y.double() - z.double() @ weight.t()).norm() / y.double().norm().clamp_min(1e-30))
+            y = y.float()
+            errors[i] = float((y - z.float() @ weight.float().t()).norm() / y.norm().clamp_min(1e-30))
             bar.update(1)
         return hook
 
