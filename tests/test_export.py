@@ -65,6 +65,19 @@ def logits_of_export(out, ids, remote=False):
         return model, model(input_ids=ids).logits
 
 
+def assert_every_experts_kernel_agrees(model, ids, logits):
+    """`dotmoe bench speed` switches the experts kernel of an export (transformers decides whether a class allows
+    that by reading its source file, so a custom class must say so itself); every kernel computes `logits`."""
+    import dotmoe.fast_experts  # noqa: F401  registers "dotmoe_gather"
+    from dotmoe.speed import EXPERT_IMPLEMENTATIONS
+
+    for impl in EXPERT_IMPLEMENTATIONS:
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+    model.set_experts_implementation(EXPERT_IMPLEMENTATIONS[0])
+
+
 CASES = [  # family, gating, k, shared, capacities, expected architecture
     ("llama", "softmax", 2, 0, None, "MixtralForCausalLM"),
     ("mistral", "mask", 1, 0, None, "MixtralForCausalLM"),
@@ -110,6 +123,7 @@ def test_mask_gating_k2_exact_in_custom_class_and_approximate_in_stock(tmp_path)
     model, got = logits_of_export(tmp_path / "custom", ids, remote=True)
     assert type(model).__name__ == "DotMoeForCausalLM"
     assert (expected - got).abs().max().item() < 1e-4
+    assert_every_experts_kernel_agrees(model, ids, got)
     assert model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
 
     approx = export(conv, tmp_path / "stock", fmt="mixtral", check_tokens=64, progress=False)

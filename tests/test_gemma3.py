@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_export import fake_conversion
+from test_export import assert_every_experts_kernel_agrees, fake_conversion
 
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
@@ -43,6 +43,11 @@ def test_gemma3_export_reloads_to_the_training_time_sparse_forward(gating, k, sh
     print(f"gemma3 {gating} k={k} shared={shared}: max abs logit diff {diff:.2e} (logits up to "
           f"{expected.abs().max():.2f})")
     assert diff < 1e-5 and expected.abs().max() > 1
+    assert_every_experts_kernel_agrees(model, ids, got)
+    from dotmoe.speed import EXPERT_IMPLEMENTATIONS, load
+
+    loaded = load(tmp_path / "moe", torch.float32, "cpu", EXPERT_IMPLEMENTATIONS[0], trust_remote_code=True)
+    assert type(loaded).__name__ == "DotMoeForCausalLM"
     # cached generation (sliding-window cache) agrees with the training-time model's greedy tokens
     out = model.generate(ids[:1, :6], max_new_tokens=12, do_sample=False)
     seq = ids[:1, :6]

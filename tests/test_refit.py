@@ -126,3 +126,50 @@ def test_conversion_refit_improves_perplexity_and_exports_it(method, tmp_path):
         saved = load_file(str(tmp_path / "on" / "trained_weights.safetensors"))
         assert saved and all(k.endswith("down_proj.weight") for k in saved)
         assert on["export"]["parity"]["max_abs_logit_diff"] < 1e-3, on["export"]["parity"]
+
+
+def test_teacher_keeps_the_dense_weights_and_a_second_refit_targets_it(tiny_llama_dir):
+    """After a refit the MoE path uses the refitted down projections while the dense teacher (MoE off) still
+    computes the original model exactly; refitting again on the same tokens gives the same weights (its target
+    is the dense output, not the refitted one)."""
+    from dotmoe.architecture import load_causal_lm
+    from dotmoe.moe_mlp import moe_disabled
+    from dotmoe.train import refit_moe_down
+
+    dense, _ = load_causal_lm(tiny_llama_dir)
+    model, moes = _tiny_moe_model(tiny_llama_dir, lambda layer, n: torch.arange(n) % 5)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = dense(input_ids=ids).logits
+        sparse_before = model(input_ids=ids).logits
+    refit_moe_down(model, moes, ids, progress=False)
+    first = [m.dense.down_proj.weight.clone() for m in moes]
+    with torch.no_grad(), moe_disabled(model):
+        torch.testing.assert_close(model(input_ids=ids).logits, reference, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        sparse_after = model(input_ids=ids).logits
+    assert (sparse_after - reference).norm() < 0.9 * (sparse_before - reference).norm()
+    refit_moe_down(model, moes, ids, progress=False)
+    for m, w in zip(moes, first):
+        torch.testing.assert_close(m.dense.down_proj.weight, w, rtol=1e-4, atol=1e-5)
+    assert "teacher_down" not in " ".join(model.state_dict())
+
+
+def test_trained_conversion_refits_before_training_with_an_exact_teacher(tmp_path):
+    """With tokens > 0 the router trains against the refitted FFNs: the first step's KL is lower than without the
+    early refit, the dense reference perplexity is the same, and the export keeps parity."""
+    import json
+
+    from dotmoe.paths import reference_data_file
+    from dotmoe.train import convert
+
+    common = dict(method="dotmoe", experts=8, top_k=2, tokens=256, batch_size=2, seq_len=128, calib_tokens=2048,
+                  eval_tokens=2048, eval_data=[str(reference_data_file("validation"))], export_format="none")
+    late = convert(ConvertConfig(**common, refit_before_training=False, out=str(tmp_path / "late")),
+                   progress=False).summary
+    early = convert(ConvertConfig(**common, out=str(tmp_path / "early")), progress=False).summary
+    assert early["dense_val_ppl"] == pytest.approx(late["dense_val_ppl"], rel=1e-6)
+    first_kl = [json.loads((tmp_path / run / "train_log.jsonl").read_text().splitlines()[0])["kl"]
+                for run in ("early", "late")]
+    assert first_kl[0] < 0.9 * first_kl[1], first_kl
+    assert len(early["refit_errors"]) == early["num_layers"]

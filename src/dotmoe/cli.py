@@ -50,6 +50,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="after the conversion, refit the FFN down projections by least squares on the calibration "
                    "tokens so the sparse FFNs reproduce the dense ones (default on; joint mode with frozen FFN "
                    "weights, and --method prune)")
+    p.add_argument("--refit-before-training", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --refit-down and --tokens > 0: refit before training as well, so the router and "
+                   "assignment train against the refitted FFNs (default on)")
     p.add_argument("--eval-every", type=int, help="evaluate validation perplexity every N steps (0 = end only)")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")

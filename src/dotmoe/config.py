@@ -63,6 +63,9 @@ class ConvertConfig:
     # mode with frozen FFN weights (router+assignment) and --method prune. On SmolLM2 at 25% active: PPL ratio 34.6
     # -> 6.0.
     refit_down: bool = True
+    # with refit_down and training (tokens > 0): refit once more before training, so the router and assignment are
+    # trained for the refitted FFNs they end with (the dense teacher keeps the original weights)
+    refit_before_training: bool = True
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     z_weight: float = 1e-3

@@ -32,11 +32,25 @@ class MoeMLP(nn.Module):
         self.moe_enabled = True
         self.assignment: torch.Tensor | None = None  # [N, E(+1)]
         self.last_router: RouterOutput | None = None
+        # the dense model's own down projection, kept once the sparse one is refitted (dotmoe.refit) so the dense
+        # teacher stays exact; not in the state dict (the export writes the refitted one)
+        self.register_buffer("teacher_down", None, persistent=False)
+
+    def keep_teacher_down(self) -> None:
+        """Keep a copy of the dense down projection before `dense.down_proj` is overwritten (once)."""
+        if self.teacher_down is None:
+            self.teacher_down = self.dense.down_proj.weight.detach().clone()
+
+    def dense_down(self, h: torch.Tensor) -> torch.Tensor:
+        """The dense FFN's down projection of the neuron activations h (the original weights, even after a refit)."""
+        down = self.dense.down_proj
+        weight = down.weight if self.teacher_down is None else self.teacher_down
+        return torch.nn.functional.linear(h, weight, down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.dense
         if not self.moe_enabled:
-            return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            return self.dense_down(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         if self.assignment is None:
             raise RuntimeError("MoeMLP has no assignment; call the assigner before the forward")
         h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)

@@ -124,12 +124,12 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
 
 
 def moe_problem(moe: nn.Module) -> LayerProblem:
-    """The least-squares problem of a MoeMLP: features h * gates, target the dense FFN output (its down_proj,
-    still the dense one when the problem is built)."""
+    """The least-squares problem of a MoeMLP: features h * gates, target the dense FFN output (the original down
+    projection, kept by the MoeMLP before its first refit, so a second refit still targets the dense model)."""
 
     def build(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
         mlp = moe.dense
         h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-        return h * moe.neuron_gates(x).to(h.dtype), mlp.down_proj(h), mlp.down_proj
+        return h * moe.neuron_gates(x).to(h.dtype), moe.dense_down(h), mlp.down_proj
 
     return build

@@ -146,6 +146,8 @@ def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor,
     from dotmoe.refit import moe_problem, refit_sequentially
 
     calib = calib.to(next(model.parameters()).device)
+    for m in moes:  # the dense teacher (KL, dense perplexity) keeps the original down projections
+        m.keep_teacher_down()
     return refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], calib, progress=progress)
 
 
@@ -516,6 +518,17 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
     epochs = math.ceil(cfg.steps * cfg.batch_size * cfg.grad_accum / len(seqs)) + 1
     order = torch.cat([torch.randperm(len(seqs), generator=order_gen) for _ in range(epochs)])
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if cfg.steps and refits_down(cfg) and cfg.refit_before_training and not fsdp:
+        # from the initial state, so a --resume recomputes the same weights before loading its checkpoint (which
+        # holds only the trainable tensors)
+        with torch.no_grad():
+            raw.assigner.tau = cfg.tau_at(0, cfg.steps)
+            raw.set_assignment()
+        refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg), progress)
+        peaks.mark("refit")
     start_step = 0
     history, evals = [], []
     if cfg.resume and ckpt_path.is_file():
@@ -637,13 +650,10 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     with gathered(raw):  # FSDP: the root's parameters whole; each decoder layer unshards in its own forward
         with torch.no_grad():
             partition = raw.set_assignment().hard
-        if dense_ppl is None:  # before the refit, which changes the down projections the dense teacher uses
+        if dense_ppl is None:  # the dense model: MoE off, original down projections (kept by a refit)
             with moe_disabled(raw.model):
                 dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
         refit_errors = refit_ridges = None
-        from accelerate.utils import DistributedType
-
-        fsdp = accelerator.distributed_type == DistributedType.FSDP
         if refits_down(cfg) and fsdp:  # a weight written inside an FSDP unit's forward lands in a discarded copy
             print("dotmoe: warning: the down-projection refit (--refit-down) does not run under FSDP; skipped",
                   file=sys.stderr)

@@ -28,6 +28,12 @@ class DotMoeMaskRouter(stock.__BASE_CLASS__TopKRouter):
 class DotMoeForCausalLM(stock.__BASE_CLASS__ForCausalLM):
     config_class = DotMoeConfig
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # the experts are stock transformers modules (decorated with @use_experts_implementation), but transformers
+        # decides this by reading the source file of the model class, i.e. this one
+        return True
+
     def __init__(self, config):
         super().__init__(config)
         for name, module in list(self.named_modules()):

@@ -29,13 +29,35 @@ class DotMoeMaskTopKRouter(qwen2_moe.Qwen2MoeTopKRouter):
         return logits, torch.ones_like(scores), indices
 
 
-class DotMoeForCausalLM(gemma3.Gemma3ForCausalLM):
+class DotMoeGemma3TextModel(gemma3.Gemma3TextModel):
+    """Stock Gemma-3 decoder whose MLPs are stock Qwen2-MoE sparse blocks."""
+
     config_class = DotMoeConfig
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # the experts are stock transformers modules (decorated with @use_experts_implementation), but transformers
+        # decides this by reading the source file of the model class, i.e. this one
+        return True
 
     def __init__(self, config):
         super().__init__(config)
-        for layer in self.model.layers:
+        for layer in self.layers:
             layer.mlp = qwen2_moe.Qwen2MoeSparseMoeBlock(config)
             if getattr(config, "dotmoe_gating", "softmax") == "mask":
                 layer.mlp.gate = DotMoeMaskTopKRouter(config)
+        self.post_init()
+
+
+class DotMoeForCausalLM(gemma3.Gemma3ForCausalLM):
+    config_class = DotMoeConfig
+    _can_set_experts_implementation = DotMoeGemma3TextModel._can_set_experts_implementation
+
+    def __init__(self, config):
+        # Gemma3ForCausalLM.__init__ with the MoE decoder (the stock one builds a Gemma3TextModel, which refuses the
+        # experts implementation the config carries)
+        gemma3.Gemma3PreTrainedModel.__init__(self, config)
+        self.model = DotMoeGemma3TextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
