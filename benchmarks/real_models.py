@@ -133,6 +133,23 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+RUN_KEY = ("model", "method", "experts", "top_k", "tokens", "seed", "extra")
+
+
+def add_record(results: Path, rec: dict) -> None:
+    """Add `rec` to the results file (replacing an earlier record of the same run) and rebuild the table. Re-read
+    under a file lock, so benchmarks running side by side never overwrite each other's rows."""
+    from filelock import FileLock
+
+    with FileLock(str(results) + ".lock"):
+        records = json.loads(results.read_text()) if results.is_file() else []
+        records = [r for r in records if not all(r.get(k) == rec.get(k) for k in RUN_KEY)] + [rec]
+        tmp = results.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(results)
+        results.with_suffix(".md").write_text(render(records))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | a local HF model directory")
@@ -150,16 +167,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = model_dir(args.model)
     results = Path(args.results)
+
     records = json.loads(results.read_text()) if results.is_file() else []
-
-    def save() -> None:
-        results.write_text(json.dumps(records, indent=1))
-        results.with_suffix(".md").write_text(render(records))
-
     if not any(r["model"] == args.model and r["method"] == "dense" for r in records):
-        records.append({"model": args.model, "method": "dense", **dense_scores(model, args.eval_tokens,
-                                                                               not args.no_cloze)})
-        save()
+        add_record(results, {"model": args.model, "method": "dense",
+                             **dense_scores(model, args.eval_tokens, not args.no_cloze)})
     for tokens in args.tokens:
         for top_k in args.topk:
             for method in args.methods:
@@ -176,10 +188,7 @@ def main() -> None:
                            "tokens_per_s": (meta.get("final_terms") or {}).get("tokens_per_s", ""),
                            "val_ppl": meta["val_ppl"], "rss_by_stage": meta.get("peak_rss_mb"),
                            **score(out, method, args.eval_tokens, not args.no_cloze)}
-                    records = [r for r in records if not all(r.get(k) == rec[k] for k in
-                                                             ("model", "method", "experts", "top_k", "tokens",
-                                                              "seed", "extra"))] + [rec]
-                    save()
+                    add_record(results, rec)
                     print(json.dumps(rec), flush=True)
 
 
