@@ -527,7 +527,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         with torch.no_grad():
             raw.assigner.tau = cfg.tau_at(0, cfg.steps)
             raw.set_assignment()
-        refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg), progress)
+        refit_moe_down(raw.model.eval(), raw.moes, calibration_sequences(seqs, cfg), progress)  # eval: no dropout,
+        raw.model.train()  # and no activation checkpointing around a forward that keeps no graph
         peaks.mark("refit")
     start_step = 0
     history, evals = [], []
