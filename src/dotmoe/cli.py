@@ -52,7 +52,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    "weights, and --method prune)")
     p.add_argument("--refit-before-training", action=argparse.BooleanOptionalAction, default=None,
                    help="with --refit-down and --tokens > 0: refit before training as well, so the router and "
-                   "assignment train against the refitted FFNs (default on)")
+                   "assignment train against the refitted FFNs (default on; not under FSDP)")
     p.add_argument("--eval-every", type=int, help="evaluate validation perplexity every N steps (0 = end only)")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")

@@ -44,8 +44,9 @@ class MoeMLP(nn.Module):
     def dense_down(self, h: torch.Tensor) -> torch.Tensor:
         """The dense FFN's down projection of the neuron activations h (the original weights, even after a refit)."""
         down = self.dense.down_proj
-        weight = down.weight if self.teacher_down is None else self.teacher_down
-        return torch.nn.functional.linear(h, weight, down.bias)
+        if self.teacher_down is None:  # the module call (FSDP2 unshards its parameters around it)
+            return down(h)
+        return torch.nn.functional.linear(h, self.teacher_down, down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.dense

@@ -139,14 +139,14 @@ def refits_down(cfg: ConvertConfig) -> bool:
 
 
 def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor,
-                   progress: bool) -> tuple[list[float], list[float]]:
+                   progress: bool, keep_teacher: bool = True) -> tuple[list[float], list[float]]:
     """Refit every MoeMLP's down projection on `calib` [B, S] (sequentially, see dotmoe.refit); returns the
     per-layer relative errors and ridges. The refitted down projections are saved as trained weights, which the
     export writes."""
     from dotmoe.refit import moe_problem, refit_sequentially
 
     calib = calib.to(next(model.parameters()).device)
-    for m in moes:  # the dense teacher (KL, dense perplexity) keeps the original down projections
+    for m in moes if keep_teacher else []:  # the dense teacher (KL, dense perplexity) keeps the original weights
         m.keep_teacher_down()
     return refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], calib, progress=progress)
 
@@ -521,9 +521,12 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if cfg.steps and refits_down(cfg) and cfg.refit_before_training and not fsdp:
-        # from the initial state, so a --resume recomputes the same weights before loading its checkpoint (which
-        # holds only the trainable tensors)
+    from torch.distributed.tensor import DTensor
+
+    sharded = fsdp or any(isinstance(p, DTensor) for p in raw.parameters())
+    if cfg.steps and refits_down(cfg) and cfg.refit_before_training and not sharded:
+        # not with sharded parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume
+        # recomputes the same weights before loading its checkpoint (which holds only the trainable tensors)
         with torch.no_grad():
             raw.assigner.tau = cfg.tau_at(0, cfg.steps)
             raw.set_assignment()
@@ -660,7 +663,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                   file=sys.stderr)
         elif refits_down(cfg):
             refit_errors, refit_ridges = refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg),
-                                                        progress)
+                                                        progress, keep_teacher=False)  # no teacher needed after
             peaks.mark("refit")
         final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
         peaks.mark("evaluate")
