@@ -137,6 +137,7 @@ def test_teacher_keeps_the_dense_weights_and_a_second_refit_targets_it(tiny_llam
     from dotmoe.train import refit_moe_down
 
     dense, _ = load_causal_lm(tiny_llama_dir)
+    torch.manual_seed(0)  # the routers' init draws from the global generator: not from whatever ran before
     model, moes = _tiny_moe_model(tiny_llama_dir, lambda layer, n: torch.arange(n) % 5)
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -148,7 +149,7 @@ def test_teacher_keeps_the_dense_weights_and_a_second_refit_targets_it(tiny_llam
         torch.testing.assert_close(model(input_ids=ids).logits, reference, rtol=0, atol=1e-5)
     with torch.no_grad():
         sparse_after = model(input_ids=ids).logits
-    assert (sparse_after - reference).norm() < (sparse_before - reference).norm()
+    assert (sparse_after - reference).norm() < 0.9 * (sparse_before - reference).norm()
     refit_moe_down(model, moes, ids, progress=False)
     for m, w in zip(moes, first):
         torch.testing.assert_close(m.dense.down_proj.weight, w, rtol=1e-4, atol=1e-5)

@@ -43,6 +43,12 @@ def gathered(module: nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
+def has_sharded_parameters(module: nn.Module) -> bool:
+    """Whether any parameter of `module` is a DTensor shard (FSDP2), i.e. not whole outside its unit's forward."""
+    dtensor = _dtensor_type()
+    return any(isinstance(p, dtensor) for p in module.parameters())
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor shard (a collective), or `t` itself."""
     return t.full_tensor() if isinstance(t, _dtensor_type()) else t

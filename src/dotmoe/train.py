@@ -31,7 +31,7 @@ from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_lo
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
-from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered,
+from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
 
 
@@ -146,8 +146,9 @@ def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor,
     from dotmoe.refit import moe_problem, refit_sequentially
 
     calib = calib.to(next(model.parameters()).device)
-    for m in moes if keep_teacher else []:  # the dense teacher (KL, dense perplexity) keeps the original weights
-        m.keep_teacher_down()
+    if keep_teacher:  # the dense teacher (KL, dense perplexity) keeps the original weights
+        for m in moes:
+            m.keep_teacher_down()
     return refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], calib, progress=progress)
 
 
@@ -521,9 +522,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    from torch.distributed.tensor import DTensor
-
-    sharded = fsdp or any(isinstance(p, DTensor) for p in raw.parameters())
+    sharded = fsdp or has_sharded_parameters(raw)
     if cfg.steps and refits_down(cfg) and cfg.refit_before_training and not sharded:
         # not with sharded parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume
         # recomputes the same weights before loading its checkpoint (which holds only the trainable tensors)
