@@ -124,10 +124,11 @@ def render(records: list[dict]) -> str:
             stages = list(dict.fromkeys(s for r in staged for s in r["rss_by_stage"]))
             lines += ["Peak RSS (MB) of the `dotmoe convert` process at the end of each stage (the peak is monotone: the "
                       "stage where it grows set it):", "",
-                      "| active FFN | tokens | method | " + " | ".join(stages) + " |",
-                      "|---|---|---|" + "---|" * len(stages)]
+                      "| active FFN | E / k | tokens | method | seed | " + " | ".join(stages) + " |",
+                      "|---|---|---|---|---|" + "---|" * len(stages)]
             for r in staged:
-                lines.append(f"| {r['active_ffn']:.0%} | {r['tokens']:,} | {' '.join([r['method'], *r.get('extra', [])])} | "
+                lines.append(f"| {r['active_ffn']:.0%} | {r['experts']} / {r['top_k']} | {r['tokens']:,} "
+                             f"| {' '.join([r['method'], *r.get('extra', [])])} | {r['seed']} | "
                              + " | ".join(str(r["rss_by_stage"].get(s, "")) for s in stages) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -177,6 +178,8 @@ def main() -> None:
             for method in args.methods:
                 for seed in args.seeds:
                     name = f"{args.model}-{method}-e{args.experts}k{top_k}-t{tokens}-s{seed}"
+                    if args.extra:  # variants get their own run directory (and log), not a shared one
+                        name += "-" + re.sub(r"[^A-Za-z0-9.]+", "_", " ".join(args.extra)).strip("_")
                     out = Path(args.runs) / name
                     meta, proc = run_convert(model, method, args.experts, top_k, tokens, seed, out, args.extra)
                     n = meta["intermediate_size"]

@@ -156,16 +156,18 @@ def test_teacher_keeps_the_dense_weights_and_a_second_refit_targets_it(tiny_llam
     assert "teacher_down" not in " ".join(model.state_dict())
 
 
-def test_trained_conversion_refits_before_training_with_an_exact_teacher(tmp_path):
-    """With tokens > 0 the router trains against the refitted FFNs: the first step's KL is lower than without the
-    early refit, the dense reference perplexity is the same, and the export keeps parity."""
+@pytest.mark.parametrize("trainable", ["router+assignment", "experts"])
+def test_trained_conversion_refits_before_training_with_an_exact_teacher(trainable, tmp_path):
+    """With tokens > 0 the router (and, trainable=experts, the FFN weights) trains from the refitted FFNs: the first
+    step's KL is lower than without the early refit, and the dense reference perplexity is the same."""
     import json
 
     from dotmoe.paths import reference_data_file
     from dotmoe.train import convert
 
     common = dict(method="dotmoe", experts=8, top_k=2, tokens=256, batch_size=2, seq_len=128, calib_tokens=2048,
-                  eval_tokens=2048, eval_data=[str(reference_data_file("validation"))], export_format="none")
+                  eval_tokens=2048, eval_data=[str(reference_data_file("validation"))], export_format="none",
+                  trainable=trainable)
     late = convert(ConvertConfig(**common, refit_before_training=False, out=str(tmp_path / "late")),
                    progress=False).summary
     early = convert(ConvertConfig(**common, out=str(tmp_path / "early")), progress=False).summary
@@ -173,4 +175,60 @@ def test_trained_conversion_refits_before_training_with_an_exact_teacher(tmp_pat
     first_kl = [json.loads((tmp_path / run / "train_log.jsonl").read_text().splitlines()[0])["kl"]
                 for run in ("early", "late")]
     assert first_kl[0] < 0.9 * first_kl[1], first_kl
-    assert len(early["refit_errors"]) == early["num_layers"]
+    if trainable == "router+assignment":  # the final refit (trained FFN weights have none)
+        assert len(early["refit_errors"]) == early["num_layers"]
+
+
+def test_stream_refit_fits_the_dense_layer_output(tiny_llama_dir):
+    """--refit-stream 1: a layer's down projection is the least-squares map (numpy's lstsq) from its features to
+    the dense layer output minus the residual stream before the FFN; layer 1, whose input has drifted, lands closer
+    to the dense model than with the plain target; weight 0 is the plain refit."""
+    from dotmoe.moe_mlp import moe_disabled
+    from dotmoe.refit import layer_outputs, stream_target
+
+    part = lambda layer, n: torch.cat([torch.full((8,), 4), torch.arange(n - 8) % 4])  # noqa: E731
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)  # the same routers in both runs
+        model, moes = _tiny_moe_model(tiny_llama_dir, part)
+        decoder, layers = model.get_decoder(), list(model.get_decoder().layers)
+        with moe_disabled(model):
+            stream = stream_target(decoder, len(moes), ids, weight)
+        dense_out = stream[1]
+        seen = {}
+        hooks = [layers[0].post_attention_layernorm.register_forward_pre_hook(
+                     lambda mod, args: seen.__setitem__("r", args[0].reshape(-1, args[0].shape[-1]).clone())),
+                 moes[0].register_forward_pre_hook(
+                     lambda mod, args: seen.__setitem__("z", moe_problem(moes[0])(args[0].reshape(-1, args[0].shape[-1]))[0]))]
+        refit_sequentially(decoder, moes, [moe_problem(m) for m in moes], ids, ridge=1e-12, stream=stream)
+        for h in hooks:
+            h.remove()
+        results[weight] = (moes[0].dense.down_proj.weight.clone(), layer_outputs(decoder, layers, ids),
+                           dense_out, seen, moes[1].dense.down_proj.weight.clone())
+    w0, out0, dense0, _, _ = results[0.0]
+    w1, out1, dense1, seen, _ = results[1.0]
+    torch.testing.assert_close(dense1, dense0)
+    target = (dense0[0] - seen["r"]).double().numpy()
+    reference = np.linalg.lstsq(seen["z"].double().numpy(), target, rcond=None)[0].T
+    np.testing.assert_allclose(w1.double().numpy(), reference, rtol=1e-3, atol=1e-4)
+    # layer 0 sees no drift yet (both targets agree there); layer 1 is pulled back onto the dense stream
+    torch.testing.assert_close(w1, w0, rtol=1e-3, atol=1e-4)
+    assert (out1[1] - dense0[1]).norm() < 0.9 * (out0[1] - dense0[1]).norm()
+    torch.manual_seed(0)
+    model, moes = _tiny_moe_model(tiny_llama_dir, part)
+    refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], ids, ridge=1e-12)
+    torch.testing.assert_close(moes[0].dense.down_proj.weight, w0)
+    torch.testing.assert_close(moes[1].dense.down_proj.weight, results[0.0][4])
+
+
+def test_stream_refit_refuses_layers_it_cannot_invert(tiny_gemma3_dir):
+    from dotmoe.architecture import load_causal_lm
+    from dotmoe.errors import DotMoeError
+    from dotmoe.refit import stream_target
+
+    model, _ = load_causal_lm(tiny_gemma3_dir)
+    with pytest.raises(DotMoeError, match="Llama-shaped"):
+        stream_target(model.get_decoder(), model.config.num_hidden_layers, torch.zeros(1, 4, dtype=torch.long), 1.0)
+    with pytest.raises(DotMoeError, match="refit_stream"):
+        ConvertConfig(refit_stream=1.5)

@@ -64,8 +64,12 @@ class ConvertConfig:
     # -> 6.0.
     refit_down: bool = True
     # with refit_down and training (tokens > 0): refit once more before training, so the router and assignment are
-    # trained for the refitted FFNs they end with (the dense teacher keeps the original weights)
+    # trained for the refitted FFNs they end with, and trained FFN weights start from the refitted ones (the dense
+    # teacher keeps the original weights)
     refit_before_training: bool = True
+    # refit target: the dense FFN's output on the converted inputs (0), or also the residual stream's drift from the
+    # dense model's (weight in (0, 1]; Llama-shaped layers, where out = residual + FFN), see dotmoe.refit
+    refit_stream: float = 0.0
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     z_weight: float = 1e-3
@@ -129,6 +133,8 @@ class ConvertConfig:
             raise DotMoeError("init_from needs an MoE method; --method prune has no partition to start from")
         if self.tokens < 0:
             raise DotMoeError(f"tokens must be >= 0 (0 = training-free), got {self.tokens}")
+        if not 0 <= self.refit_stream <= 1:
+            raise DotMoeError(f"refit_stream must be in [0, 1], got {self.refit_stream}")
         for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",
                      "calib_tokens", "eval_tokens", "checkpoint_every", "log_every", "max_bad_steps", "layer_steps"):
             if getattr(self, name) < 1:

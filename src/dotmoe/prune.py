@@ -76,12 +76,15 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
     peaks.mark("calibrate")
     refit_errors = refit_ridges = None
     if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
-        from dotmoe.refit import refit_sequentially
+        from dotmoe.refit import refit_sequentially, stream_target
         from dotmoe.train import calibration_sequences
 
         problems = [_pruned_problem(mlp, index) for mlp, index in zip(prep.mlps, kept)]
-        refit_errors, refit_ridges = refit_sequentially(model.get_decoder(), prep.mlps, problems,
-                                          calibration_sequences(prep.seqs, cfg))
+        calib = calibration_sequences(prep.seqs, cfg)
+        stream = stream_target(model.get_decoder(), len(prep.mlps), calib, cfg.refit_stream) \
+            if cfg.refit_stream else None  # the model is still dense here
+        refit_errors, refit_ridges = refit_sequentially(model.get_decoder(), prep.mlps, problems, calib,
+                                                        stream=stream)
     else:
         for mlp, index in zip(prep.mlps, kept):
             _slice_mlp(mlp, index)

@@ -88,24 +88,80 @@ def fit_layer(z: torch.Tensor, y: torch.Tensor, ridge: float | None = None) -> t
     return _solve(gram + test_gram, rhs + test_rhs, ridge), ridge
 
 
+def _layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def layer_outputs(decoder: nn.Module, layers: list[nn.Module], calib_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each decoder layer's output hidden states [T, d] on `calib_ids` (one forward; forward hooks, so the final
+    norm that `output_hidden_states` applies to the last entry is not in them)."""
+    outs: list[torch.Tensor] = [torch.empty(0)] * len(layers)
+
+    def hook_for(i: int):
+        def hook(module, args, output):
+            out = _layer_output(output)
+            outs[i] = out.reshape(-1, out.shape[-1]).detach().clone()
+        return hook
+
+    hooks = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        decoder(input_ids=calib_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def stream_target(decoder: nn.Module, num_ffns: int, calib_ids: torch.Tensor,
+                  weight: float) -> tuple[list[nn.Module], list[torch.Tensor], float]:
+    """The `stream` argument of `refit_sequentially`: the residual modules and the layer outputs of `decoder`,
+    which must compute the dense model now (one forward of `calib_ids`; memory: layers x tokens x d floats)."""
+    from dotmoe.errors import DotMoeError
+
+    layers = list(getattr(decoder, "layers", []))
+    residual = [getattr(layer, "post_attention_layernorm", None) for layer in layers]
+    if len(layers) != num_ffns or None in residual or \
+            any(hasattr(layer, "post_feedforward_layernorm") for layer in layers):
+        raise DotMoeError("--refit-stream needs Llama-shaped decoder layers (out = residual + FFN, the FFN input "
+                          "normalised by post_attention_layernorm); this model's are not")
+    return residual, layer_outputs(decoder, layers, calib_ids), weight
+
+
 @torch.no_grad()
 def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: list[LayerProblem],
-                       calib_ids: torch.Tensor, ridge: float | None = None,
-                       progress: bool = False) -> tuple[list[float], list[float]]:
+                       calib_ids: torch.Tensor, ridge: float | None = None, progress: bool = False,
+                       stream: tuple[list[nn.Module], list[torch.Tensor], float] | None = None,
+                       ) -> tuple[list[float], list[float]]:
     """Refit every layer's down projection in one forward of `calib_ids` [B, S] through `decoder`.
 
     `modules[i]` is the FFN module whose input is layer i's x; `problems[i](x)` builds that layer's least-squares
     problem (called before its forward, so the forward already uses the refitted weight). `ridge` None: chosen
     per layer on held-out calibration tokens (`choose_ridge`). Returns each layer's relative error
-    ||y - W' z|| / ||y|| on the calibration tokens after the refit, and its ridge."""
+    ||y - W' z|| / ||y|| on the calibration tokens after the refit, and its ridge.
+
+    `stream` = (residual modules, dense layer outputs, weight): also correct the drift of the residual stream.
+    `residual[i]`'s input is layer i's residual stream just before the FFN is added (r), `dense[i]` the dense
+    model's layer-i output on the same tokens; the target becomes y + weight * (dense[i] - r - y), at weight 1
+    the FFN output that puts the converted stream back on the dense one (Llama-shaped layers: out = r + FFN)."""
     errors: list[float] = [float("nan")] * len(modules)
     ridges: list[float] = [float("nan")] * len(modules)
     bar = tqdm(total=len(modules), desc="refit down_proj", unit="layer", disable=not progress)
+    residual: list[torch.Tensor | None] = [None] * len(modules)
+
+    def residual_hook_for(i: int):
+        def hook(module, args):
+            residual[i] = args[0].reshape(-1, args[0].shape[-1])
+        return hook
 
     def hook_for(i: int):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1])
             z, y, down = problems[i](x)
+            if stream is not None:
+                r, weight = residual[i], stream[2]
+                y = y + weight * (stream[1][i].to(y.dtype) - r.to(y.dtype) - y)
+                residual[i] = None
             weight, ridges[i] = fit_layer(z, y, ridge)
             down.weight.copy_(weight.to(down.weight.dtype))
             y = y.float()
@@ -114,6 +170,8 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
         return hook
 
     hooks = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(modules)]
+    if stream is not None:
+        hooks += [m.register_forward_pre_hook(residual_hook_for(i)) for i, m in enumerate(stream[0])]
     try:
         decoder(input_ids=calib_ids)
     finally:

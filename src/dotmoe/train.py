@@ -139,17 +139,23 @@ def refits_down(cfg: ConvertConfig) -> bool:
 
 
 def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor,
-                   progress: bool, keep_teacher: bool = True) -> tuple[list[float], list[float]]:
+                   progress: bool, keep_teacher: bool = True, stream: float = 0.0) -> tuple[list[float], list[float]]:
     """Refit every MoeMLP's down projection on `calib` [B, S] (sequentially, see dotmoe.refit); returns the
     per-layer relative errors and ridges. The refitted down projections are saved as trained weights, which the
-    export writes."""
-    from dotmoe.refit import moe_problem, refit_sequentially
+    export writes. `stream` > 0: the target also corrects the residual stream's drift (`refit_stream`)."""
+    from dotmoe.refit import moe_problem, refit_sequentially, stream_target
 
     calib = calib.to(next(model.parameters()).device)
     if keep_teacher:  # the dense teacher (KL, dense perplexity) keeps the original weights
         for m in moes:
             m.keep_teacher_down()
-    return refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], calib, progress=progress)
+    decoder = model.get_decoder()
+    stream_args = None
+    if stream:
+        with moe_disabled(model):
+            stream_args = stream_target(decoder, len(moes), calib, stream)
+    return refit_sequentially(decoder, moes, [moe_problem(m) for m in moes], calib, progress=progress,
+                              stream=stream_args)
 
 
 def layer_partition(kind: str, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor, shared: int,
@@ -523,13 +529,15 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     sharded = fsdp or has_sharded_parameters(raw)
-    if cfg.steps and refits_down(cfg) and cfg.refit_before_training and not sharded:
+    if cfg.steps and cfg.refit_down and cfg.refit_before_training and not sharded:
+        # with trainable FFN weights as well: their training then starts from the refitted ones
         # not with sharded parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume
         # recomputes the same weights before loading its checkpoint (which holds only the trainable tensors)
         with torch.no_grad():
             raw.assigner.tau = cfg.tau_at(0, cfg.steps)
             raw.set_assignment()
-        refit_moe_down(raw.model.eval(), raw.moes, calibration_sequences(seqs, cfg), progress)  # eval: no dropout,
+        refit_moe_down(raw.model.eval(), raw.moes, calibration_sequences(seqs, cfg), progress,
+                       stream=cfg.refit_stream)  # eval: no dropout,
         raw.model.train()  # and no activation checkpointing around a forward that keeps no graph
         peaks.mark("refit")
     start_step = 0
@@ -662,7 +670,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                   file=sys.stderr)
         elif refits_down(cfg):
             refit_errors, refit_ridges = refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg),
-                                                        progress, keep_teacher=False)  # no teacher needed after
+                                                        progress, keep_teacher=False, stream=cfg.refit_stream)  # no teacher needed after
             peaks.mark("refit")
         final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
         peaks.mark("evaluate")
