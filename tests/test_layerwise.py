@@ -158,3 +158,12 @@ def test_layerwise_crash_then_resume_redoes_only_the_unfinished_layer(tiny_llama
     assert all(torch.equal(a, b) for a, b in zip(resumed.routers, full.routers))
     assert resumed.meta["layer_errors"] == full.meta["layer_errors"]
     assert not (out / layerwise.LAYERWISE_CHECKPOINT).exists()
+
+
+def test_default_is_training_free_in_the_joint_mode_only():
+    """No --tokens: the joint mode converts training-free, the layer-wise mode trains --layer-steps per layer;
+    --tokens 0 makes both training-free."""
+    assert ConvertConfig().steps == 0
+    assert ConvertConfig(tokens=4096, batch_size=4, seq_len=256).steps == 4
+    assert ConvertConfig(mode="layerwise").trains_layers
+    assert not ConvertConfig(mode="layerwise", tokens=0).trains_layers

@@ -38,7 +38,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-router", help="lstsq | random")
     p.add_argument("--capacities", type=int, nargs="+", help="explicit routed expert sizes (sum = N - shared)")
     p.add_argument("--gating", help="mask | softmax")
-    p.add_argument("--tokens", type=int, help="training tokens")
+    p.add_argument("--tokens", type=int, help="training tokens (default: training-free; --mode layerwise trains "
+                   "--layer-steps per layer unless --tokens 0)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)

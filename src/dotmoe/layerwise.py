@@ -112,7 +112,7 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
         groups.append({"params": [assigner.affinity], "lr": cfg.lr_affinity})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     batch = cfg.batch_size * cfg.seq_len
-    steps = cfg.layer_steps if cfg.tokens else 0
+    steps = cfg.layer_steps if cfg.trains_layers else 0
     first = last = None
     for step in range(steps):
         _stop_here(f"while training a layer (the finished ones are in {LAYERWISE_CHECKPOINT})")
@@ -295,7 +295,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         "drop": cfg.drop,
         "gating": cfg.gating, "capacities": caps.tolist(), "intermediate_size": num_neurons,
         "num_layers": len(named), "mlp_modules": [n for n, _ in named], "base_model": str(model_path.resolve()),
-        "train_tokens": len(named) * (cfg.layer_steps if cfg.tokens else 0) * cfg.batch_size * cfg.seq_len,
+        "train_tokens": len(named) * (cfg.layer_steps if cfg.trains_layers else 0) * cfg.batch_size * cfg.seq_len,
         "calibration_tokens": calib.numel(), "steps": cfg.layer_steps, "processes": 1,
         "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "layer_errors": layer_stats,
         "val_ppl": None, "dense_val_ppl": None, "config": cfg.to_dict(),
