@@ -95,3 +95,35 @@ def test_training_free_and_trained_variants_share_the_partition_recipe(method, t
     if method != "dotmoe":  # baselines keep their partition; only the router trains
         assert torch.equal(free.partition, trained.partition)
     assert trained.summary["export"]["parity"]["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_lstsq_router_is_the_ridge_fit_of_its_target(tiny_llama_dir, top_k):
+    """The analytic router: numpy's ridge least squares from x onto the standardised expert contribution norms
+    (init lstsq) or onto the indicator of each token's top-k experts by those norms (init lstsq-topk)."""
+    import numpy as np
+
+    from dotmoe.architecture import find_gated_mlps, load_causal_lm
+    from dotmoe.train import LSTSQ_ROUTER_SCALE, lstsq_router
+
+    model, _ = load_causal_lm(tiny_llama_dir)
+    mlp = find_gated_mlps(model)[0][1]
+    x = torch.randn(400, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    partition = torch.arange(mlp.gate_proj.out_features) % 4
+    with torch.no_grad():
+        h = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).abs() * mlp.down_proj.weight.norm(dim=0)
+    norms = np.stack([h[:, partition.numpy() == e].norm(dim=-1).numpy() for e in range(4)], -1).astype(np.float64)
+    target = norms
+    if top_k:
+        target = np.zeros_like(norms)
+        np.put_along_axis(target, np.argsort(-norms, -1)[:, :top_k], 1.0, -1)
+    target = LSTSQ_ROUTER_SCALE * (target - target.mean(-1, keepdims=True)) / target.std(-1, ddof=1, keepdims=True)
+    xs = x.double().numpy()
+    ridge = 1e-3 * (xs ** 2).mean() * len(xs)
+    reference = np.linalg.solve(xs.T @ xs + ridge * np.eye(xs.shape[1]), xs.T @ target).T
+    router = lstsq_router(mlp, x, partition, 4, top_k)
+    np.testing.assert_allclose(router.numpy(), reference, rtol=1e-3, atol=1e-4)
+    if top_k:  # the router's top-k choice agrees with the oracle's on most tokens of a linear-enough problem
+        agree = (torch.from_numpy(x.numpy() @ router.numpy().T).topk(top_k, -1).indices.sort(-1).values ==
+                 torch.from_numpy(np.argsort(-norms, -1)[:, :top_k].copy()).sort(-1).values).all(-1).float().mean()
+        assert agree > 0.25, agree

@@ -35,7 +35,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", type=int, help="neurons removed entirely (needs --shared; with the shared expert it "
                    "keeps the active budget: drop = shared * (E / k - 1))")
     p.add_argument("--init-affinity", help="dotmoe's starting partition: coactivation | weight-kmeans | random")
-    p.add_argument("--init-router", help="lstsq | random")
+    p.add_argument("--init-router", help="lstsq | lstsq-topk | random")
     p.add_argument("--capacities", type=int, nargs="+", help="explicit routed expert sizes (sum = N - shared)")
     p.add_argument("--gating", help="mask | softmax")
     p.add_argument("--tokens", type=int, help="training tokens (default: training-free; --mode layerwise trains "

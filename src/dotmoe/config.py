@@ -16,7 +16,7 @@ from dotmoe.router import GATING_MODES
 METHODS = ("dotmoe", "random", "sequential", "weight-kmeans", "activation", "hidden-kmeans-router", "prune")
 TRAINABLE = ("router+assignment", "experts", "full")
 AFFINITY_INITS = ("coactivation", "weight-kmeans", "random")
-ROUTER_INITS = ("lstsq", "random")
+ROUTER_INITS = ("lstsq", "lstsq-topk", "random")
 
 
 @dataclass

@@ -118,14 +118,18 @@ def map_layer_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Ten
 LSTSQ_ROUTER_SCALE = 0.3
 
 
-def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_experts: int) -> torch.Tensor:
+def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_experts: int,
+                 top_k: int | None = None) -> torch.Tensor:
     """Analytic router init: least-squares map x -> standardised norm of each expert's output contribution
     ||(|h_i| * ||W_down[:, i]||)_{i in e}|| (output-aware: a neuron with a large down projection counts more),
-    times LSTSQ_ROUTER_SCALE."""
+    times LSTSQ_ROUTER_SCALE. With `top_k`: onto the standardised indicator of each token's top-k experts by that
+    norm (the oracle's choice) instead of the norms themselves."""
     from dotmoe.output_aware import neuron_contributions
 
     contrib = neuron_contributions(mlp, x)
     scores = torch.stack([contrib[:, partition == e].norm(dim=-1) for e in range(num_experts)], dim=-1)
+    if top_k:
+        scores = torch.zeros_like(scores).scatter_(-1, scores.topk(top_k, dim=-1).indices, 1.0)
     scores = LSTSQ_ROUTER_SCALE * (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
     ridge = 1e-3 * x.pow(2).mean()
     w = torch.linalg.solve(x.t() @ x + ridge * x.shape[0] * torch.eye(x.shape[1]), x.t() @ scores)
@@ -198,8 +202,8 @@ def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Modul
 
     def layer(i: int, x: torch.Tensor | None):
         part, router = layer_partition(partition_kind(cfg), mlps[i], x, caps, cfg.shared, gen, cfg.drop)
-        if router is None and cfg.init_router == "lstsq" and x is not None:
-            router = lstsq_router(mlps[i], x, part, cfg.experts)
+        if router is None and cfg.init_router != "random" and x is not None:
+            router = lstsq_router(mlps[i], x, part, cfg.experts, cfg.top_k if cfg.init_router == "lstsq-topk" else None)
         return part, router
 
     pairs = map_layer_inputs(model, mlps, calib, layer) if calib is not None else \
