@@ -204,6 +204,11 @@ class ConvertConfig:
                     raise bad
 
     @property
+    def router_fit_top_k(self) -> int | None:
+        """The `top_k` argument of the analytic router fit (`train.lstsq_router`): k for lstsq-topk, else None."""
+        return self.top_k if self.init_router == "lstsq-topk" else None
+
+    @property
     def trains_layers(self) -> bool:
         """--mode layerwise: whether each layer is trained (layer_steps) or converted training-free."""
         return self.tokens != 0

@@ -103,8 +103,7 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
         if router_init is not None:  # the baseline's own router
             moe.router.weight.copy_(router_init)
         elif cfg.init_router != "random":
-            moe.router.weight.copy_(lstsq_router(mlp, x, part, cfg.experts,
-                                                 cfg.top_k if cfg.init_router == "lstsq-topk" else None))
+            moe.router.weight.copy_(lstsq_router(mlp, x, part, cfg.experts, cfg.router_fit_top_k))
     affinity = cfg.init_scale * torch.nn.functional.one_hot(part, len(caps)).float().unsqueeze(0)
     assigner = NeuronAssigner(affinity, caps, learn=cfg.method == "dotmoe")
     assigner.iters = cfg.sinkhorn_iters

@@ -159,8 +159,8 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
             x = args[0].reshape(-1, args[0].shape[-1])
             z, y, down = problems[i](x)
             if stream is not None:
-                r, weight = residual[i], stream[2]
-                y = y + weight * (stream[1][i].to(y.dtype) - r.to(y.dtype) - y)
+                drift = stream[1][i].to(y.dtype) - residual[i].to(y.dtype) - y
+                y = y + stream[2] * drift
                 residual[i] = None
             weight, ridges[i] = fit_layer(z, y, ridge)
             down.weight.copy_(weight.to(down.weight.dtype))

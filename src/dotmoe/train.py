@@ -203,7 +203,7 @@ def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Modul
     def layer(i: int, x: torch.Tensor | None):
         part, router = layer_partition(partition_kind(cfg), mlps[i], x, caps, cfg.shared, gen, cfg.drop)
         if router is None and cfg.init_router != "random" and x is not None:
-            router = lstsq_router(mlps[i], x, part, cfg.experts, cfg.top_k if cfg.init_router == "lstsq-topk" else None)
+            router = lstsq_router(mlps[i], x, part, cfg.experts, cfg.router_fit_top_k)
         return part, router
 
     pairs = map_layer_inputs(model, mlps, calib, layer) if calib is not None else \
@@ -534,9 +534,9 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     sharded = fsdp or has_sharded_parameters(raw)
     if cfg.steps and cfg.refit_down and cfg.refit_before_training and not sharded:
-        # with trainable FFN weights as well: their training then starts from the refitted ones
-        # not with sharded parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume
-        # recomputes the same weights before loading its checkpoint (which holds only the trainable tensors)
+        # also with trainable FFN weights (their training then starts from the refitted ones); not with sharded
+        # parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume recomputes the
+        # same weights before loading its checkpoint (which holds only the trainable tensors)
         with torch.no_grad():
             raw.assigner.tau = cfg.tau_at(0, cfg.steps)
             raw.set_assignment()
