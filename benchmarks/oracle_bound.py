@@ -42,10 +42,12 @@ class OracleMLP(nn.Module):
 
 
 def oracle_problem(oracle: OracleMLP):
+    from dotmoe.refit import LayerProblem
+
     def build(x):
         z, h = oracle.features(x)
-        return z, nn.functional.linear(h, oracle.dense_down), oracle.mlp.down_proj
-    return build
+        return z, nn.functional.linear(h, oracle.dense_down)
+    return LayerProblem(build, lambda weight: oracle.mlp.down_proj.weight.copy_(weight.float()))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from torch import nn
 
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, tokenize_stream
+from dotmoe.layer_runner import map_layer_inputs
 from dotmoe.moe_mlp import install_moe
 from dotmoe.output_aware import neuron_contributions
 from dotmoe.paths import default_data_file
@@ -29,7 +30,7 @@ from dotmoe.real_models import real_model_dir
 from dotmoe.refit import fit_layer, moe_problem, refit_sequentially
 from dotmoe.rounding import one_hot_assignment
 from dotmoe.router import RouterOutput
-from dotmoe.train import LSTSQ_ROUTER_SCALE, calibration_sequences, initial_partitions, map_layer_inputs, prepare
+from dotmoe.train import LSTSQ_ROUTER_SCALE, calibration_sequences, initial_partitions, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,8 +98,8 @@ def main() -> None:
         reset()
         with torch.no_grad():
             for layer, moe in enumerate(moes):
-                z, y, down = moe_problem(moe)(dense_inputs[layer])
-                down.weight.copy_(fit_layer(z, y, ridge)[0].float())
+                problem = moe_problem(moe)
+                problem.apply(fit_layer(*problem.build(dense_inputs[layer]), ridge)[0])
         record(f"refit on dense inputs, ridge {ridge:g}")
     for ridge in (1e-4, 1e-2, 1e-1, None):
         reset()

@@ -3,12 +3,15 @@ nothing is sparse, sequential inputs, and what it does to a conversion (lower er
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from dotmoe.config import ConvertConfig
-from dotmoe.refit import RIDGE_GRID, choose_ridge, fit_layer, least_squares_down, moe_problem, refit_sequentially
+from dotmoe.refit import (RIDGE_GRID, LayerProblem, choose_ridge, fit_layer, least_squares_down, moe_problem,
+                          refit_sequentially)
 
 
 def test_least_squares_down_matches_numpy_lstsq():
@@ -77,17 +80,17 @@ def test_refit_lowers_the_error_and_sees_the_converted_inputs(tiny_llama_dir):
     model, moes = _tiny_moe_model(tiny_llama_dir,
                                   lambda layer, n: torch.cat([torch.full((n_shared,), 4), torch.arange(n - n_shared) % 4]))
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    seen, before_errors = [], []
+    seen, before_errors = {}, {}
     problems = []
-    for moe in moes:
-        build = moe_problem(moe)
+    for layer, moe in enumerate(moes):
+        problem = moe_problem(moe)
 
-        def spy(x, build=build):
-            z, y, down = build(x)
-            seen.append(x.clone())
-            before_errors.append(float((y - z @ down.weight.t()).norm() / y.norm()))
-            return z, y, down
-        problems.append(spy)
+        def spy(x, problem=problem, layer=layer, moe=moe):  # one call per chunk of sequences
+            z, y = problem.build(x)
+            seen.setdefault(layer, []).append(x.clone())
+            before_errors.setdefault(layer, []).append((y - z @ moe.dense.down_proj.weight.t(), y))
+            return z, y
+        problems.append(LayerProblem(spy, problem.apply))
     # inputs of the MLPs in a forward of the unrefitted model: layer 0's must match, later ones must differ
     store = []
     hooks = [m.register_forward_pre_hook(lambda mod, a: store.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
@@ -96,11 +99,15 @@ def test_refit_lowers_the_error_and_sees_the_converted_inputs(tiny_llama_dir):
         model.get_decoder()(input_ids=ids)
     for h in hooks:
         h.remove()
-    errors, ridges = refit_sequentially(model.get_decoder(), moes, problems, ids)
+    errors, ridges = refit_sequentially(model.get_decoder(), moes, problems, ids, chunk=3)
     assert all(r in RIDGE_GRID for r in ridges)
-    assert all(after < before for after, before in zip(errors, before_errors)), (errors, before_errors)
-    torch.testing.assert_close(seen[0], store[0])
-    assert not torch.allclose(seen[-1], store[-1], atol=1e-4)
+    # errors are on the held-out last 1/8 of the tokens (16 of 128, in the second chunk)
+    before = [float(torch.cat([r for r, _ in before_errors[i]])[-16:].norm() /
+                    torch.cat([y for _, y in before_errors[i]])[-16:].norm()) for i in range(len(moes))]
+    assert all(a < b for a, b in zip(errors, before)), (errors, before)
+    assert [len(seen[i]) for i in range(len(moes))] == [2] * len(moes)  # 4 sequences in chunks of 3
+    torch.testing.assert_close(torch.cat(seen[0]), store[0])
+    assert not torch.allclose(torch.cat(seen[len(moes) - 1]), store[-1], atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["dotmoe", "prune"])
@@ -179,12 +186,24 @@ def test_trained_conversion_refits_before_training_with_an_exact_teacher(trainab
         assert len(early["refit_errors"]) == early["num_layers"]
 
 
+def _layer_outputs(decoder, ids) -> list[torch.Tensor]:
+    """Each decoder layer's output [T, d] in one whole-model forward (forward hooks)."""
+    outs = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(out.reshape(-1, out.shape[-1]).clone()))
+             for layer in decoder.layers]
+    with torch.no_grad():
+        decoder(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
 def test_stream_refit_fits_the_dense_layer_output(tiny_llama_dir):
     """--refit-stream 1: a layer's down projection is the least-squares map (numpy's lstsq) from its features to
     the dense layer output minus the residual stream before the FFN; layer 1, whose input has drifted, lands closer
     to the dense model than with the plain target; weight 0 is the plain refit."""
     from dotmoe.moe_mlp import moe_disabled
-    from dotmoe.refit import layer_outputs, stream_target
+    from dotmoe.refit import stream_target
 
     part = lambda layer, n: torch.cat([torch.full((8,), 4), torch.arange(n - 8) % 4])  # noqa: E731
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -192,25 +211,28 @@ def test_stream_refit_fits_the_dense_layer_output(tiny_llama_dir):
     for weight in (0.0, 1.0):
         torch.manual_seed(0)  # the same routers in both runs
         model, moes = _tiny_moe_model(tiny_llama_dir, part)
-        decoder, layers = model.get_decoder(), list(model.get_decoder().layers)
+        decoder = model.get_decoder()
         with moe_disabled(model):
-            stream = stream_target(decoder, len(moes), ids, weight)
-        dense_out = stream[1]
+            dense_out = _layer_outputs(decoder, ids)
+        stream = stream_target(decoder, len(moes), weight, lambda: moe_disabled(model))
         seen = {}
-        hooks = [layers[0].post_attention_layernorm.register_forward_pre_hook(
-                     lambda mod, args: seen.__setitem__("r", args[0].reshape(-1, args[0].shape[-1]).clone())),
+        hooks = [decoder.layers[0].post_attention_layernorm.register_forward_pre_hook(
+                     lambda mod, args: seen.setdefault("r", []).append(args[0].reshape(-1, args[0].shape[-1]).clone())),
                  moes[0].register_forward_pre_hook(
-                     lambda mod, args: seen.__setitem__("z", moe_problem(moes[0])(args[0].reshape(-1, args[0].shape[-1]))[0]))]
-        refit_sequentially(decoder, moes, [moe_problem(m) for m in moes], ids, ridge=1e-12, stream=stream)
+                     lambda mod, args: seen.setdefault("z", []).append(
+                         moe_problem(moes[0]).build(args[0].reshape(-1, args[0].shape[-1]))[0]))]
+        refit_sequentially(decoder, moes, [moe_problem(m) for m in moes], ids, ridge=1e-12, stream=stream, chunk=3)
         for h in hooks:
             h.remove()
-        results[weight] = (moes[0].dense.down_proj.weight.clone(), layer_outputs(decoder, layers, ids),
+        results[weight] = (moes[0].dense.down_proj.weight.clone(), _layer_outputs(decoder, ids),
                            dense_out, seen, moes[1].dense.down_proj.weight.clone())
     w0, out0, dense0, _, _ = results[0.0]
     w1, out1, dense1, seen, _ = results[1.0]
     torch.testing.assert_close(dense1, dense0)
-    target = (dense0[0] - seen["r"]).double().numpy()
-    reference = np.linalg.lstsq(seen["z"].double().numpy(), target, rcond=None)[0].T
+    # the first two calls (the dense stream's, whose layer-0 inputs are the converted ones: nothing drifted yet)
+    r, z = torch.cat(seen["r"][:2]), torch.cat(seen["z"][:2])
+    target = (dense0[0] - r).double().numpy()
+    reference = np.linalg.lstsq(z.double().numpy(), target, rcond=None)[0].T
     np.testing.assert_allclose(w1.double().numpy(), reference, rtol=1e-3, atol=1e-4)
     # layer 0 sees no drift yet (both targets agree there); layer 1 is pulled back onto the dense stream
     torch.testing.assert_close(w1, w0, rtol=1e-3, atol=1e-4)
@@ -229,6 +251,56 @@ def test_stream_refit_refuses_layers_it_cannot_invert(tiny_gemma3_dir):
 
     model, _ = load_causal_lm(tiny_gemma3_dir)
     with pytest.raises(DotMoeError, match="Llama-shaped"):
-        stream_target(model.get_decoder(), model.config.num_hidden_layers, torch.zeros(1, 4, dtype=torch.long), 1.0)
+        stream_target(model.get_decoder(), model.config.num_hidden_layers, 1.0, contextlib.nullcontext)
     with pytest.raises(DotMoeError, match="refit_stream"):
         ConvertConfig(refit_stream=1.5)
+
+
+def test_prepare_sees_each_layer_inputs_from_the_converted_layers_below(tiny_llama_dir):
+    """`prepare(i, x)` gets layer i's FFN inputs as the final converted model computes them (layers below refitted
+    and set up by their own `prepare`), and what it sets up (here: the routers) is what the layer is refitted with."""
+    torch.manual_seed(0)
+    model, moes = _tiny_moe_model(tiny_llama_dir, lambda layer, n: torch.arange(n) % 5)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(4))
+    for m in moes:  # the refit's target stays the original FFN (as refit_moe_down does), so a second refit can agree
+        m.keep_teacher_down()
+    seen = {}
+
+    def prepare(i, x):
+        seen[i] = x.clone()
+        moes[i].router.weight.normal_(generator=torch.Generator().manual_seed(10 + i))
+
+    refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], ids, prepare=prepare, chunk=3)
+    final = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: final.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+             for m in moes]
+    with torch.no_grad():
+        model.get_decoder()(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert sorted(seen) == list(range(len(moes)))
+    for i, x in enumerate(final):
+        torch.testing.assert_close(seen[i], x, rtol=1e-5, atol=1e-5)
+    # the refit of the last layer used the router prepare set: refitting again (same router) changes nothing
+    before = moes[-1].dense.down_proj.weight.clone()
+    refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], ids, chunk=3)
+    torch.testing.assert_close(moes[-1].dense.down_proj.weight, before, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dotmoe", "prune"])
+def test_calibrate_on_converted_inputs(method, tiny_llama_dir, tiny_text, tmp_path):
+    """--calibrate-on converted: layer 0 (same inputs either way) gets the dense-calibrated choice; the conversion
+    exports with parity; settings it cannot honour are refused."""
+    from dotmoe.errors import DotMoeError
+    from dotmoe.train import convert
+
+    common = dict(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)], method=method,
+                  experts=4, top_k=2, tokens=0, seq_len=32, calib_tokens=512, eval_tokens=256)
+    runs = {on: convert(ConvertConfig(**common, calibrate_on=on, out=str(tmp_path / on)), progress=False)
+            for on in ("dense", "converted")}
+    torch.testing.assert_close(runs["converted"].partition[0], runs["dense"].partition[0], rtol=0, atol=0)
+    if method == "dotmoe":
+        assert runs["converted"].summary["export"]["parity"]["max_abs_logit_diff"] < 1e-3
+    for bad in (dict(tokens=256), dict(refit_down=False), dict(mode="layerwise")):
+        with pytest.raises(DotMoeError, match="calibrate_on converted"):
+            ConvertConfig(**{**common, **bad, "method": "dotmoe"}, calibrate_on="converted")

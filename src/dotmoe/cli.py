@@ -47,6 +47,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data scored for perplexity (default 32768)")
     p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
                    "(default 16384)")
+    p.add_argument("--calibrate-on", help="dense (default: each layer's partition and router from the dense "
+                   "model's FFN inputs) | converted (from the inputs the converted layers below give it, during the "
+                   "refit; training-free)")
     p.add_argument("--refit-down", action=argparse.BooleanOptionalAction, default=None,
                    help="after the conversion, refit the FFN down projections by least squares on the calibration "
                    "tokens so the sparse FFNs reproduce the dense ones (default on; joint mode with frozen FFN "

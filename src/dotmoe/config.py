@@ -62,6 +62,9 @@ class ConvertConfig:
     init_scale: float = 1.0
     init_router: str = "lstsq"
     calib_tokens: int = 16_384
+    # where each layer's partition and router are computed from: the dense model's FFN inputs ("dense"), or, during
+    # the sequential refit, the inputs the already-converted layers below give it ("converted"; training-free only)
+    calibrate_on: str = "dense"
     # after the partition and routers are final: refit each FFN's down projection by least squares so the sparse
     # FFN reproduces the dense one on the calibration tokens, layer by layer (dotmoe.refit). Training-free; joint
     # mode with frozen FFN weights (router+assignment) and --method prune. On SmolLM2 at 25% active: PPL ratio 34.6
@@ -110,6 +113,12 @@ class ConvertConfig:
         choose("init_affinity", AFFINITY_INITS)
         choose("init_router", ROUTER_INITS)
         choose("mixed_precision", ("no", "bf16", "fp16"))
+        choose("calibrate_on", ("dense", "converted"))
+        if self.calibrate_on == "converted" and (self.tokens or self.mode != "joint" or self.init_from or
+                                                 not self.refit_down):
+            raise DotMoeError("calibrate_on converted chooses each layer's partition and router inside the "
+                              "down-projection refit: it needs the joint mode, training-free (no --tokens), no "
+                              "--init-from and --refit-down")
         choose("export_format", EXPORT_FORMATS + ("none",))
         if self.experts < 2:
             raise DotMoeError(f"--experts must be >= 2, got {self.experts}")

@@ -35,6 +35,7 @@ from dotmoe.errors import DotMoeError, Interrupted
 from dotmoe.export import TensorSource
 from dotmoe.guards import (COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, check_resume_settings, check_seq_len,
                            prepare_output, resume_key, settings_key, stop_at_step_boundaries, stop_requested)
+from dotmoe.layer_runner import layer_call_inputs
 from dotmoe.losses import load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP
 
@@ -47,30 +48,6 @@ def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> Non
             p.copy_(src.get(f"{prefix}.{name}").float())
         if hasattr(module, "scalar_embed_scale"):  # Gemma's sqrt(d) embedding scale: a buffer, not in checkpoints
             module.embed_scale.fill_(module.scalar_embed_scale)
-
-
-def _layer_inputs(rotary, config, hidden: torch.Tensor, positions: torch.Tensor, layer_names: list[str]) -> list[dict]:
-    """Per decoder layer, the position embeddings and attention mask the model's own forward would pass.
-
-    Models whose rotary embedding takes a `layer_type` (Gemma-3: local sliding-window layers with their own RoPE
-    base, global layers) get that layer type's cos/sin and mask; others one cos/sin for all and no mask (SDPA's
-    causal masking).
-    """
-    import inspect
-
-    if "layer_type" not in inspect.signature(rotary.forward).parameters:
-        shared = {"position_embeddings": rotary(hidden, positions)}
-        return [shared] * len(layer_names)
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    probe = hidden[:1]
-    per_type = {}
-    for kind in set(config.layer_types):
-        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        mask = make(config=config, inputs_embeds=probe, attention_mask=None, past_key_values=None,
-                    position_ids=positions)
-        per_type[kind] = {"position_embeddings": rotary(probe, positions, kind), "attention_mask": mask}
-    return [per_type[config.layer_types[i]] for i in range(len(layer_names))]
 
 
 @cache
@@ -257,7 +234,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     decoder = skeleton.get_decoder()
     rotary = type(decoder.rotary_emb)(config=config)
     positions = torch.arange(cfg.seq_len).unsqueeze(0)
-    inputs = _layer_inputs(rotary, config, hidden, positions, named)
+    inputs = layer_call_inputs(rotary, config, hidden, positions, len(named))
     caps = torch.tensor(cfg.column_capacities(num_neurons))
 
     bar = tqdm(named[start:], desc="layerwise", unit="layer", disable=not progress, initial=start, total=len(named))

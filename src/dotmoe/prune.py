@@ -9,6 +9,7 @@ pruning with reconstruction.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -47,16 +48,21 @@ def _slice_mlp(mlp: nn.Module, index: torch.Tensor) -> None:
         mlp.intermediate_size = len(index)
 
 
-def _pruned_problem(mlp: nn.Module, index: torch.Tensor):
-    """dotmoe.refit's problem for a pruned MLP: target the full MLP's output, then slice it; features = the kept
-    neurons' activations."""
+def _pruned_problem(mlp: nn.Module, kept: list, layer: int):
+    """dotmoe.refit's problem for a pruned MLP: features = the kept neurons' activations (`kept[layer]`, read when
+    called: it may be chosen during the refit), target = the full MLP's output; the MLP is sliced when the fitted
+    weight arrives."""
+    from dotmoe.refit import LayerProblem
 
     def build(x: torch.Tensor):
-        y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        _slice_mlp(mlp, index)
-        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), y, mlp.down_proj
+        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        return h[:, kept[layer]], mlp.down_proj(h)
 
-    return build
+    def apply(weight: torch.Tensor) -> None:
+        _slice_mlp(mlp, kept[layer])
+        mlp.down_proj.weight.copy_(weight.to(mlp.down_proj.weight.dtype))
+
+    return LayerProblem(build, apply)
 
 
 def prune_convert(cfg: ConvertConfig, prep, peaks=None):
@@ -71,7 +77,9 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
     with torch.no_grad():
         dense_ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
     keep = kept_neurons(cfg, n)
-    kept = prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep))
+    converted = cfg.calibrate_on == "converted"  # kept neurons chosen during the refit, on the pruned inputs
+    kept = [None] * len(prep.mlps) if converted else \
+        prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep))
     peaks = peaks if peaks is not None else StagePeaks()
     peaks.mark("calibrate")
     refit_errors = refit_ridges = None
@@ -79,12 +87,14 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
         from dotmoe.refit import refit_sequentially, stream_target
         from dotmoe.train import calibration_sequences
 
-        problems = [_pruned_problem(mlp, index) for mlp, index in zip(prep.mlps, kept)]
+        problems = [_pruned_problem(mlp, kept, i) for i, mlp in enumerate(prep.mlps)]
         calib = calibration_sequences(prep.seqs, cfg)
-        stream = stream_target(model.get_decoder(), len(prep.mlps), calib, cfg.refit_stream) \
-            if cfg.refit_stream else None  # the model is still dense here
+        # while layer i's problem is built it is still unsliced: the dense layer, no switch needed
+        stream = stream_target(model.get_decoder(), len(prep.mlps), cfg.refit_stream, contextlib.nullcontext) \
+            if cfg.refit_stream else None
+        prepare = (lambda i, x: kept.__setitem__(i, prune_keep(prep.mlps[i], x, keep))) if converted else None
         refit_errors, refit_ridges = refit_sequentially(model.get_decoder(), prep.mlps, problems, calib,
-                                                        stream=stream)
+                                                        stream=stream, prepare=prepare)
     else:
         for mlp, index in zip(prep.mlps, kept):
             _slice_mlp(mlp, index)

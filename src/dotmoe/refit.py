@@ -11,19 +11,25 @@ SparseGPT's layer-wise least squares). The ridge is chosen per layer on held-out
 changes, column by column, so every expert keeps its shape and
 the export stays a stock MoE checkpoint.
 
-The refit is sequential: one forward of the calibration tokens through the converted decoder, each layer refitted
-(in a forward pre-hook) on the inputs that the already-converted layers below it produce, so it also absorbs
-their error, with the dense FFN's output on those same inputs as the target. No library does this for a MoE
-gate pattern, hence the few lines here.
+The refit is sequential: the calibration tokens go through the converted decoder one layer at a time
+(dotmoe.layer_runner, a chunk of sequences per call), each layer refitted on the inputs that the already-converted
+layers below it produce, so it also absorbs their error, with the dense FFN's output on those same inputs as the
+target. The normal equations are accumulated chunk by chunk, so memory does not grow with the number of
+calibration tokens beyond their hidden states (tokens x d). No library does this for a MoE gate pattern, hence the
+few lines here.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from dotmoe.layer_runner import CHUNK_SEQUENCES, LayerRunner
 
 # Ridge (times the mean diagonal of Z^T Z) candidates; each layer takes the one with the lowest error on held-out
 # calibration tokens. A fixed value is wrong at one end or the other: on SmolLM2 at 25% active, 1e-4 is best with
@@ -32,8 +38,27 @@ from tqdm import tqdm
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HOLDOUT_FRACTION = 0.125
 
-# one layer: inputs x [T, d] -> (features z [T, n], dense target y [T, d], the Linear whose weight [d, n] is refitted)
-LayerProblem = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, nn.Linear]]
+
+
+@dataclass
+class LayerProblem:
+    """One layer's least-squares problem: `build` maps the FFN's inputs x [T, d] (one chunk of tokens; called
+    once per chunk, so it must not change the model) to (features z [T, n], target y [T, d]); `apply` puts the
+    fitted weight [d, n] into the model."""
+
+    build: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    apply: Callable[[torch.Tensor], None]
+
+
+@dataclass
+class StreamTarget:
+    """`refit_sequentially`'s residual-stream correction (`refit_stream`): `residual[i]`'s input is layer i's
+    residual stream just before the FFN is added, `dense_mode()` a context in which layer i computes the dense
+    model's layer (while its problem is being built), `weight` in (0, 1]."""
+
+    residual: list[nn.Module]
+    weight: float
+    dense_mode: Callable[[], AbstractContextManager]
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -81,42 +106,51 @@ def fit_layer(z: torch.Tensor, y: torch.Tensor, ridge: float | None = None) -> t
     (the normal equations of the two token parts are computed once and added)."""
     if ridge is not None:
         return least_squares_down(z, y, ridge), ridge
-    cut = _holdout_cut(len(z), HOLDOUT_FRACTION)
-    gram, rhs = _normal_equations(z[:cut], y[:cut])
-    ridge = _best_ridge(gram, rhs, z[cut:], y[cut:], RIDGE_GRID)
-    test_gram, test_rhs = _normal_equations(z[cut:], y[cut:])
-    return _solve(gram + test_gram, rhs + test_rhs, ridge), ridge
+    problem = _Accumulator(_holdout_cut(len(z), HOLDOUT_FRACTION))
+    problem.add(z, y)
+    weight, ridge, _ = problem.solve()
+    return weight, ridge
 
 
-def _layer_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+class _Accumulator:
+    """A least-squares problem filled chunk by chunk: the normal equations of its first `cut` tokens (the fitting
+    part) and the last tokens themselves (held out, to choose the ridge on; 1/8 of them, so they stay small)."""
+
+    def __init__(self, cut: int):
+        self.cut, self.seen = cut, 0
+        self.gram: torch.Tensor | float = 0.0
+        self.rhs: torch.Tensor | float = 0.0
+        self.test_z: list[torch.Tensor] = []
+        self.test_y: list[torch.Tensor] = []
+
+    def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        fit = min(max(self.cut - self.seen, 0), len(z))
+        if fit:
+            gram, rhs = _normal_equations(z[:fit], y[:fit])
+            self.gram, self.rhs = self.gram + gram, self.rhs + rhs
+        if fit < len(z):
+            self.test_z.append(z[fit:].float())
+            self.test_y.append(y[fit:].float())
+        self.seen += len(z)
+
+    def solve(self, ridge: float | None = None) -> tuple[torch.Tensor, float, float]:
+        """(W [d, n] fitted on all tokens, its ridge (given, or the best of RIDGE_GRID on the held-out tokens when
+        fitted on the others), W's relative error on the held-out tokens)."""
+        test_z, test_y = torch.cat(self.test_z), torch.cat(self.test_y)
+        test_gram, test_rhs = _normal_equations(test_z, test_y)
+        if not isinstance(self.gram, torch.Tensor):  # every token held out (a one-token problem)
+            self.gram, self.rhs = torch.zeros_like(test_gram), torch.zeros_like(test_rhs)
+        if ridge is None:
+            ridge = _best_ridge(self.gram, self.rhs, test_z, test_y, RIDGE_GRID)
+        weight = _solve(self.gram + test_gram, self.rhs + test_rhs, ridge)
+        error = float((test_y - test_z @ weight.float().t()).norm() / test_y.norm().clamp_min(1e-30))
+        return weight, ridge, error
 
 
-@torch.no_grad()
-def layer_outputs(decoder: nn.Module, layers: list[nn.Module], calib_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each decoder layer's output hidden states [T, d] on `calib_ids` (one forward; forward hooks, so the final
-    norm that `output_hidden_states` applies to the last entry is not in them)."""
-    outs: list[torch.Tensor] = [torch.empty(0)] * len(layers)
-
-    def hook_for(i: int):
-        def hook(module, args, output):
-            out = _layer_output(output)
-            outs[i] = out.reshape(-1, out.shape[-1]).detach().clone()
-        return hook
-
-    hooks = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
-        decoder(input_ids=calib_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return outs
-
-
-def stream_target(decoder: nn.Module, num_ffns: int, calib_ids: torch.Tensor,
-                  weight: float) -> tuple[list[nn.Module], list[torch.Tensor], float]:
-    """The `stream` argument of `refit_sequentially`: the residual modules and the layer outputs of `decoder`,
-    which must compute the dense model now (one forward of `calib_ids`; memory: layers x tokens x d floats)."""
+def stream_target(decoder: nn.Module, num_ffns: int, weight: float,
+                  dense_mode: Callable[[], AbstractContextManager]) -> StreamTarget:
+    """The `stream` argument of `refit_sequentially` for `decoder`'s layers, checked to be Llama-shaped (out =
+    residual + FFN, the FFN's input normalised by post_attention_layernorm)."""
     from dotmoe.errors import DotMoeError
 
     layers = list(getattr(decoder, "layers", []))
@@ -125,69 +159,92 @@ def stream_target(decoder: nn.Module, num_ffns: int, calib_ids: torch.Tensor,
             any(hasattr(layer, "post_feedforward_layernorm") for layer in layers):
         raise DotMoeError("--refit-stream needs Llama-shaped decoder layers (out = residual + FFN, the FFN input "
                           "normalised by post_attention_layernorm); this model's are not")
-    return residual, layer_outputs(decoder, layers, calib_ids), weight
+    return StreamTarget(residual, weight, dense_mode)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
 
 
 @torch.no_grad()
 def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: list[LayerProblem],
                        calib_ids: torch.Tensor, ridge: float | None = None, progress: bool = False,
-                       stream: tuple[list[nn.Module], list[torch.Tensor], float] | None = None,
+                       stream: StreamTarget | None = None, chunk: int = CHUNK_SEQUENCES,
+                       prepare: Callable[[int, torch.Tensor], None] | None = None,
                        ) -> tuple[list[float], list[float]]:
-    """Refit every layer's down projection in one forward of `calib_ids` [B, S] through `decoder`.
+    """Refit every layer's down projection on `calib_ids` [B, S], layer by layer through `decoder`.
 
-    `modules[i]` is the FFN module whose input is layer i's x; `problems[i](x)` builds that layer's least-squares
-    problem (called before its forward, so the forward already uses the refitted weight). `ridge` None: chosen
-    per layer on held-out calibration tokens (`choose_ridge`). Returns each layer's relative error
-    ||y - W' z|| / ||y|| on the calibration tokens after the refit, and its ridge.
+    `modules[i]` is the FFN module of decoder layer i; `problems[i]` builds its least-squares problem from that
+    module's inputs. Layer i runs once on every chunk to accumulate its problem, gets its weight, then runs again
+    to give the layer above its (now converted) inputs. `ridge` None: chosen per layer on held-out calibration
+    tokens (the last 1/8). Returns each layer's relative error ||y - W' z|| / ||y|| on those held-out tokens after
+    the final fit (which also saw them), and its ridge.
 
-    `stream` = (residual modules, dense layer outputs, weight): also correct the drift of the residual stream.
-    `residual[i]`'s input is layer i's residual stream just before the FFN is added (r), `dense[i]` the dense
-    model's layer-i output on the same tokens; the target becomes y + weight * (dense[i] - r - y), at weight 1
-    the FFN output that puts the converted stream back on the dense one (Llama-shaped layers: out = r + FFN)."""
+    `stream`: also correct the drift of the residual stream. With r the converted residual before the FFN and
+    D the dense model's layer output, both on the same tokens (the dense model's own stream runs alongside),
+    the target becomes y + weight * (D - r - y), at weight 1 the FFN output that puts the converted stream back
+    on the dense one (Llama-shaped layers: out = r + FFN).
+
+    `prepare(i, x)`: called with layer i's inputs x [T, d] (all tokens, from the converted layers below) before its
+    problem is built, e.g. to choose that layer's partition and router on them (one more pass over the layer)."""
+    runner = LayerRunner(decoder, calib_ids, chunk)
+    if len(modules) != len(runner):
+        raise ValueError(f"{len(modules)} FFN modules for {len(runner)} decoder layers")
+    cut = _holdout_cut(calib_ids.numel(), HOLDOUT_FRACTION)
     errors: list[float] = [float("nan")] * len(modules)
     ridges: list[float] = [float("nan")] * len(modules)
-    bar = tqdm(total=len(modules), desc="refit down_proj", unit="layer", disable=not progress)
-    residual: list[torch.Tensor | None] = [None] * len(modules)
+    hidden = dense_hidden = runner.hidden
+    state: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(len(modules)), desc="refit down_proj", unit="layer", disable=not progress):
+        if prepare is not None:
+            xs: list[torch.Tensor] = []
+            hook = modules[i].register_forward_pre_hook(lambda module, args: xs.append(_rows(args[0]).float()))
+            try:
+                runner.run(i, hidden)
+            finally:
+                hook.remove()
+            prepare(i, torch.cat(xs))
+            xs.clear()
+        problem = _Accumulator(cut)
+        dense_out = None
+        if stream is not None:  # the dense model's layer i on the dense stream (before any hook is registered)
+            with stream.dense_mode():
+                dense_out = runner.run(i, dense_hidden)
 
-    def residual_hook_for(i: int):
-        def hook(module, args):
-            residual[i] = args[0].reshape(-1, args[0].shape[-1])
-        return hook
-
-    def hook_for(i: int):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            z, y, down = problems[i](x)
+        def collect(module, args, i=i):
+            z, y = problems[i].build(_rows(args[0]))
             if stream is not None:
-                drift = stream[1][i].to(y.dtype) - residual[i].to(y.dtype) - y
-                y = y + stream[2] * drift
-                residual[i] = None
-            weight, ridges[i] = fit_layer(z, y, ridge)
-            down.weight.copy_(weight.to(down.weight.dtype))
-            y = y.float()
-            errors[i] = float((y - z.float() @ weight.float().t()).norm() / y.norm().clamp_min(1e-30))
-            bar.update(1)
-        return hook
+                y = y + stream.weight * (state["dense"].to(y.dtype) - state["residual"].to(y.dtype) - y)
+            problem.add(z, y)
 
-    hooks = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(modules)]
-    if stream is not None:
-        hooks += [m.register_forward_pre_hook(residual_hook_for(i)) for i, m in enumerate(stream[0])]
-    try:
-        decoder(input_ids=calib_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
+        hooks = [modules[i].register_forward_pre_hook(collect)]
+        if stream is not None:
+            hooks.append(stream.residual[i].register_forward_pre_hook(
+                lambda module, args: state.__setitem__("residual", _rows(args[0]))))
+        try:
+            for c, h in enumerate(hidden.split(chunk)):
+                if dense_out is not None:
+                    state["dense"] = _rows(dense_out[c * chunk: (c + 1) * chunk])
+                runner.call(i, h)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            state.clear()
+        weight, ridges[i], errors[i] = problem.solve(ridge)
+        problems[i].apply(weight)
+        hidden = runner.run(i, hidden)
+        if dense_out is not None:
+            dense_hidden = dense_out
     return errors, ridges
 
 
 def moe_problem(moe: nn.Module) -> LayerProblem:
     """The least-squares problem of a MoeMLP: features h * gates, target the dense FFN output (the original down
     projection, kept by the MoeMLP before its first refit, so a second refit still targets the dense model)."""
+    mlp = moe.dense
 
-    def build(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
-        mlp = moe.dense
+    def build(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-        return h * moe.neuron_gates(x).to(h.dtype), moe.dense_down(h), mlp.down_proj
+        return h * moe.neuron_gates(x).to(h.dtype), moe.dense_down(h)
 
-    return build
+    return LayerProblem(build, lambda weight: mlp.down_proj.weight.copy_(weight.to(mlp.down_proj.weight.dtype)))

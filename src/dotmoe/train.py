@@ -27,6 +27,7 @@ from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 from dotmoe.errors import DotMoeError, Interrupted
 from dotmoe.guards import (CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
                            check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
+from dotmoe.layer_runner import map_layer_inputs
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
@@ -90,32 +91,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def map_layer_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Tensor, fn) -> list:
-    """[fn(i, x_i) for every MLP i], x_i [tokens, d] its dense input on `batches` [B, S], in one forward of the
-    decoder (no LM head). Each layer's inputs are freed once fn returns: one layer's calibration activations are
-    resident at a time, not all L layers' (1.1 GB for SmolLM2-135M at 16k tokens)."""
-    results: list = [None] * len(mlps)
-
-    def hook_for(i: int):
-        def hook(module, args):
-            results[i] = fn(i, args[0].reshape(-1, args[0].shape[-1]).float())
-        return hook
-
-    hooks = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(mlps)]
-    try:
-        model.get_decoder()(input_ids=batches.to(next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return results
-
-
 # Scale of the lstsq router's logits (standardised scores times this). Softer logits bring the selected experts'
 # softmax gates (k * p_e / sum_topk p) closer to 1, i.e. closer to the dense FFN; the top-k choice is unchanged.
 # SmolLM2-135M, E=8/k=2, training-free: PPL ratio 39.4 / 34.6 / 35.1 / 35.7 at 1 / 0.3 / 0.1 / 0.01, and with the
 # down-projection refit 6.02 at 1 vs 5.60 at 0.3.
 LSTSQ_ROUTER_SCALE = 0.3
+ROUTER_FIT_CHUNK = 4096  # tokens per chunk of the router fit's contribution norms
 
 
 def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_experts: int,
@@ -126,8 +107,12 @@ def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_e
     norm (the oracle's choice) instead of the norms themselves."""
     from dotmoe.output_aware import neuron_contributions
 
-    contrib = neuron_contributions(mlp, x)
-    scores = torch.stack([contrib[:, partition == e].norm(dim=-1) for e in range(num_experts)], dim=-1)
+    members = [partition == e for e in range(num_experts)]
+    scores = []
+    for xs in x.split(ROUTER_FIT_CHUNK):  # in chunks: all tokens' contributions at once would be [tokens, N]
+        contrib = neuron_contributions(mlp, xs)
+        scores.append(torch.stack([contrib[:, m].norm(dim=-1) for m in members], dim=-1))
+    scores = torch.cat(scores)
     if top_k:
         scores = torch.zeros_like(scores).scatter_(-1, scores.topk(top_k, dim=-1).indices, 1.0)
     scores = LSTSQ_ROUTER_SCALE * (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
@@ -142,24 +127,20 @@ def refits_down(cfg: ConvertConfig) -> bool:
     return cfg.refit_down and cfg.trainable == "router+assignment"
 
 
-def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor,
-                   progress: bool, keep_teacher: bool = True, stream: float = 0.0) -> tuple[list[float], list[float]]:
+def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor, progress: bool,
+                   keep_teacher: bool = True, stream: float = 0.0, prepare=None) -> tuple[list[float], list[float]]:
     """Refit every MoeMLP's down projection on `calib` [B, S] (sequentially, see dotmoe.refit); returns the
     per-layer relative errors and ridges. The refitted down projections are saved as trained weights, which the
     export writes. `stream` > 0: the target also corrects the residual stream's drift (`refit_stream`)."""
     from dotmoe.refit import moe_problem, refit_sequentially, stream_target
 
-    calib = calib.to(next(model.parameters()).device)
     if keep_teacher:  # the dense teacher (KL, dense perplexity) keeps the original weights
         for m in moes:
             m.keep_teacher_down()
     decoder = model.get_decoder()
-    stream_args = None
-    if stream:
-        with moe_disabled(model):
-            stream_args = stream_target(decoder, len(moes), calib, stream)
+    stream_args = stream_target(decoder, len(moes), stream, lambda: moe_disabled(model)) if stream else None
     return refit_sequentially(decoder, moes, [moe_problem(m) for m in moes], calib, progress=progress,
-                              stream=stream_args)
+                              stream=stream_args, prepare=prepare)
 
 
 def layer_partition(kind: str, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor, shared: int,
@@ -193,6 +174,34 @@ def partition_kind(cfg: ConvertConfig) -> str:
     return cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
 
 
+def calibrate_layer(cfg: ConvertConfig, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's starting partition [N] and router [E, d] (the method's own, else the lstsq init when asked for
+    and x is given, else None) from its FFN inputs x [T, d]."""
+    part, router = layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop)
+    if router is None and cfg.init_router != "random" and x is not None:
+        router = lstsq_router(mlp, x, part, cfg.experts, cfg.router_fit_top_k)
+    return part, router
+
+
+def calibrate_during_refit(cfg: ConvertConfig, raw: "MoeTrainingModule", caps: torch.Tensor):
+    """`refit_sequentially`'s `prepare` for `calibrate_on: converted`: layer i's partition and router are chosen on
+    its inputs from the converted layers below (not the dense model's), then its down projection is refitted."""
+    from dotmoe.rounding import one_hot_assignment
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def prepare(i: int, x: torch.Tensor) -> None:
+        moe = raw.moes[i]
+        part, router = calibrate_layer(cfg, moe.dense, x, caps, gen)
+        raw.assigner.affinity[i] = cfg.init_scale * torch.nn.functional.one_hot(part, len(caps)).float()
+        moe.assignment = one_hot_assignment(part, len(caps))
+        if router is not None:
+            moe.router.weight.copy_(router)
+
+    return prepare
+
+
 def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Module], caps: torch.Tensor,
                        calib: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Starting partition [L, N] of every layer (for baselines: the final one) and the starting routers (the
@@ -201,10 +210,7 @@ def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Modul
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def layer(i: int, x: torch.Tensor | None):
-        part, router = layer_partition(partition_kind(cfg), mlps[i], x, caps, cfg.shared, gen, cfg.drop)
-        if router is None and cfg.init_router != "random" and x is not None:
-            router = lstsq_router(mlps[i], x, part, cfg.experts, cfg.router_fit_top_k)
-        return part, router
+        return calibrate_layer(cfg, mlps[i], x, caps, gen)
 
     pairs = map_layer_inputs(model, mlps, calib, layer) if calib is not None else \
         [layer(i, None) for i in range(len(mlps))]
@@ -474,6 +480,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     caps = torch.tensor(cfg.column_capacities(num_neurons))
     if cfg.init_from:  # an earlier conversion's partition and routers, e.g. a layer-wise pass
         partitions, start_routers = starting_point(cfg, len(mlps), num_neurons, caps)
+    elif cfg.calibrate_on == "converted":  # chosen layer by layer during the refit (calibrate_during_refit)
+        partitions, start_routers = torch.zeros((len(mlps), num_neurons), dtype=torch.long), None
     else:
         needs_inputs = cfg.init_router == "lstsq" or cfg.drop > 0 or \
             partition_kind(cfg) in ("activation", "hidden-kmeans-router", "coactivation")
@@ -669,12 +677,17 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             with moe_disabled(raw.model):
                 dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
         refit_errors = refit_ridges = None
-        if refits_down(cfg) and fsdp:  # a weight written inside an FSDP unit's forward lands in a discarded copy
+        if refits_down(cfg) and sharded:  # FSDP2 shards: no whole weight to write the refit into (it ran unnoticed
+            # into a discarded unsharded copy when the refit wrote inside the layer's forward)
             print("dotmoe: warning: the down-projection refit (--refit-down) does not run under FSDP; skipped",
                   file=sys.stderr)
         elif refits_down(cfg):
+            calibrate = calibrate_during_refit(cfg, raw, caps) if cfg.calibrate_on == "converted" else None
             refit_errors, refit_ridges = refit_moe_down(raw.model, raw.moes, calibration_sequences(seqs, cfg),
-                                                        progress, keep_teacher=False, stream=cfg.refit_stream)  # no teacher needed after
+                                                        progress, keep_teacher=False, stream=cfg.refit_stream,
+                                                        prepare=calibrate)  # no teacher needed after
+            if calibrate is not None:
+                partition = raw.set_assignment().hard
             peaks.mark("refit")
         final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
         peaks.mark("evaluate")
