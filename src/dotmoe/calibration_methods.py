@@ -94,7 +94,8 @@ def hidden_kmeans_partition(mlp: nn.Module, x: torch.Tensor, caps: torch.Tensor,
 
 @torch.no_grad()
 def prune_keep(mlp: nn.Module, x: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices (sorted) of the `keep` most important neurons: mean |h_n| * ||W_down[:, n]||."""
-    h = neuron_activations(mlp, x).abs().mean(0)
+    """Indices (sorted) of the `keep` most important neurons: mean |h_n| * ||W_down[:, n]|| (over x in chunks: all
+    tokens' activations at once would be [tokens, N])."""
+    h = sum(neuron_activations(mlp, xs).abs().sum(0) for xs in x.split(4096)) / len(x)
     importance = h * mlp.down_proj.weight.float().norm(dim=0)
     return importance.topk(keep).indices.sort().values

@@ -46,7 +46,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainable", help="router+assignment | experts | full")
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data scored for perplexity (default 32768)")
     p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
-                   "(default 16384)")
+                   "(default 65536; 16384 with --mode layerwise)")
     p.add_argument("--calibrate-on", help="dense (default: each layer's partition and router from the dense "
                    "model's FFN inputs) | converted (from the inputs the converted layers below give it, during the "
                    "refit; training-free)")
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=500_000)
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data scored for perplexity (default 32768)")
     p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
-                   "(default 16384)")
+                   "(default 65536; 16384 with --mode layerwise)")
     p.add_argument("--eval-every", type=int, default=20, help="validation PPL every N steps")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("sample-data", help="data-free: write text sampled from the dense model (for --data)")

@@ -243,9 +243,9 @@ def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
 
 
 def calibration_sequences(seqs: torch.Tensor, cfg: ConvertConfig) -> torch.Tensor:
-    """The `calib_tokens` worth of packed sequences used for calibration (a seeded random subset)."""
+    """`cfg.calibration_tokens` worth of packed sequences used for calibration (a seeded random subset)."""
     shuffled = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
-    return shuffled[: max(1, cfg.calib_tokens // cfg.seq_len)]
+    return shuffled[: max(1, cfg.calibration_tokens // cfg.seq_len)]
 
 
 def export_and_record(out: Path, cfg: ConvertConfig, summary: dict, progress: bool, check_tokens: int = 256) -> None:
@@ -388,7 +388,7 @@ class Prepared:
         return self.mlps[0].gate_proj.out_features
 
     def map_calibration_inputs(self, cfg: ConvertConfig, fn) -> list:
-        """[fn(i, x_i)] on the dense MLP inputs of `calib_tokens` tokens of (shuffled) training data, one layer's
+        """[fn(i, x_i)] on the dense MLP inputs of `calibration_tokens` tokens of (shuffled) training data, one layer's
         inputs resident at a time (`map_layer_inputs`)."""
         return map_layer_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg), fn)
 
