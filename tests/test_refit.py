@@ -62,6 +62,18 @@ def _tiny_moe_model(tiny_llama_dir, partition_of, top_k=1):
     return model, moes
 
 
+def _ffn_inputs(model, ffns, ids) -> list[torch.Tensor]:
+    """Each FFN's inputs [T, d] in one whole-model forward of `ids` (forward pre-hooks)."""
+    store = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: store.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+             for m in ffns]
+    with torch.no_grad():
+        model.get_decoder()(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return store
+
+
 def test_refit_is_exact_when_every_neuron_is_active(tiny_llama_dir):
     """All neurons in the always-on shared column: the MoE is the dense FFN, and the refit must return W_down."""
     model, moes = _tiny_moe_model(tiny_llama_dir, lambda layer, n: torch.full((n,), 4))
@@ -92,13 +104,7 @@ def test_refit_lowers_the_error_and_sees_the_converted_inputs(tiny_llama_dir):
             return z, y
         problems.append(LayerProblem(spy, problem.apply))
     # inputs of the MLPs in a forward of the unrefitted model: layer 0's must match, later ones must differ
-    store = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a: store.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
-             for m in moes]
-    with torch.no_grad():
-        model.get_decoder()(input_ids=ids)
-    for h in hooks:
-        h.remove()
+    store = _ffn_inputs(model, moes, ids)
     errors, ridges = refit_sequentially(model.get_decoder(), moes, problems, ids, chunk=3)
     assert all(r in RIDGE_GRID for r in ridges)
     # errors are on the held-out last 1/8 of the tokens (16 of 128, in the second chunk)
@@ -271,13 +277,7 @@ def test_prepare_sees_each_layer_inputs_from_the_converted_layers_below(tiny_lla
         moes[i].router.weight.normal_(generator=torch.Generator().manual_seed(10 + i))
 
     refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], ids, prepare=prepare, chunk=3)
-    final = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a: final.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
-             for m in moes]
-    with torch.no_grad():
-        model.get_decoder()(input_ids=ids)
-    for h in hooks:
-        h.remove()
+    final = _ffn_inputs(model, moes, ids)
     assert sorted(seen) == list(range(len(moes)))
     for i, x in enumerate(final):
         torch.testing.assert_close(seen[i], x, rtol=1e-5, atol=1e-5)

@@ -62,8 +62,9 @@ class ConvertConfig:
     init_scale: float = 1.0
     init_router: str = "lstsq"
     # calibration tokens (partition, router init, refit). None: 65,536 in the joint mode (on SmolLM2 at 25% active,
-    # training-free: PPL ratio 5.64 at 16,384, 5.03 at 65,536, 4.90 at 131,072, for 1.1x / 2.5x the time; the
-    # calibration runs layer by layer, so memory grows only with tokens x d), 16,384 in the layer-wise mode, which
+    # training-free: PPL ratio 5.64 at 16,384, 5.03 at 65,536, 4.90 at 131,072, for ~2.7x / ~4.9x the 16,384 run's
+    # wall time (399 s -> 1,081 s / 1,964 s, cores shared with other jobs); the calibration runs layer by layer, so
+    # memory grows only with tokens x d), 16,384 in the layer-wise mode, which
     # keeps every calibration token's FFN inputs and outputs to train each layer on
     calib_tokens: int | None = None
     # where each layer's partition and router are computed from: the dense model's FFN inputs ("dense"), or, during

@@ -79,6 +79,18 @@ class LayerRunner:
         """Layer i's output [B, S, d] for the input hidden states [B, S, d], `chunk` sequences per call."""
         return torch.cat([self.call(i, h) for h in hidden.split(self.chunk)])
 
+    def run_capturing(self, i: int, hidden: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run(i, hidden)` and the inputs [tokens, d'] (fp32) that `module`, one of layer i's submodules (its FFN),
+        received over all chunks."""
+        xs: list[torch.Tensor] = []
+        hook = module.register_forward_pre_hook(
+            lambda m, args: xs.append(args[0].reshape(-1, args[0].shape[-1]).float()))
+        try:
+            out = self.run(i, hidden)
+        finally:
+            hook.remove()
+        return out, torch.cat(xs)
+
 
 @torch.no_grad()
 def map_layer_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Tensor, fn,
@@ -92,14 +104,7 @@ def map_layer_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Ten
     results: list = [None] * len(mlps)
     hidden = runner.hidden
     for i, mlp in enumerate(mlps):
-        xs: list[torch.Tensor] = []
-        hook = mlp.register_forward_pre_hook(lambda m, args: xs.append(args[0].reshape(-1, args[0].shape[-1]).float()))
-        try:
-            hidden = runner.run(i, hidden)
-        finally:
-            hook.remove()
-        x = torch.cat(xs)
-        xs.clear()
+        hidden, x = runner.run_capturing(i, hidden, mlp)
         results[i] = fn(i, x)
         del x
     return results

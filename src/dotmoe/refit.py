@@ -39,7 +39,6 @@ RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HOLDOUT_FRACTION = 0.125
 
 
-
 @dataclass
 class LayerProblem:
     """One layer's least-squares problem: `build` maps the FFN's inputs x [T, d] (one chunk of tokens; called
@@ -197,14 +196,7 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
     state: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(modules)), desc="refit down_proj", unit="layer", disable=not progress):
         if prepare is not None:
-            xs: list[torch.Tensor] = []
-            hook = modules[i].register_forward_pre_hook(lambda module, args: xs.append(_rows(args[0]).float()))
-            try:
-                runner.run(i, hidden)
-            finally:
-                hook.remove()
-            prepare(i, torch.cat(xs))
-            xs.clear()
+            prepare(i, runner.run_capturing(i, hidden, modules[i])[1])
         problem = _Accumulator(cut)
         dense_out = None
         if stream is not None:  # the dense model's layer i on the dense stream (before any hook is registered)
