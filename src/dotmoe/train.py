@@ -483,7 +483,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     elif cfg.calibrate_on == "converted":  # chosen layer by layer during the refit (calibrate_during_refit)
         partitions, start_routers = torch.zeros((len(mlps), num_neurons), dtype=torch.long), None
     else:
-        needs_inputs = cfg.init_router == "lstsq" or cfg.drop > 0 or \
+        needs_inputs = cfg.init_router != "random" or cfg.drop > 0 or \
             partition_kind(cfg) in ("activation", "hidden-kmeans-router", "coactivation")
         calib = calibration_sequences(seqs, cfg) if needs_inputs else None
         partitions, start_routers = initial_partitions(cfg, model, mlps, caps, calib)
