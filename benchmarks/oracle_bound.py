@@ -142,8 +142,8 @@ def main() -> None:
             rows.append((active, "neurons (no experts, no shared)", "oracle", refit, scores))
             print(active, refit, scores, flush=True)
 
-    dense = _scores(prepare(ConvertConfig(model=str(model_dir(args.model)), tokens=0)).model.eval(),
-                    prep.tokenizer, args.eval_tokens, cloze=False)
+    dense_prep = prepare(ConvertConfig(model=str(model_dir(args.model)), tokens=0))
+    dense = _scores(dense_prep.model.eval(), dense_prep.tokenizer, args.eval_tokens, cloze=False)
     command = " ".join(["python benchmarks/oracle_bound.py", *sys.argv[1:]])
     lines = [f"# Per-token oracle bounds: {args.model}", "",
              f"`{command}` (2 CPU cores, torch 2.13.0+cpu; calibration tokens: "
