@@ -54,18 +54,22 @@ def run_convert(model: Path, method: str, experts: int, top_k: int, tokens: int,
     return meta, {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
 
 
-@torch.no_grad()
-def score(out: Path, method: str, eval_tokens: int, cloze: bool) -> dict:
+def load_scored(out: Path, method: str):
+    """(model, tokenizer) a run is scored with: the pruned dense export, else the training-time sparse model."""
     if method == "prune":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(out / "model")
-    else:
-        from dotmoe.sparse_model import load_sparse_model
+        return (AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval(),
+                AutoTokenizer.from_pretrained(out / "model"))
+    from dotmoe.sparse_model import load_sparse_model
 
-        model, tok, _ = load_sparse_model(out)
-    return _scores(model, tok, eval_tokens, cloze)
+    model, tok, _ = load_sparse_model(out)
+    return model, tok
+
+
+@torch.no_grad()
+def score(out: Path, method: str, eval_tokens: int, cloze: bool) -> dict:
+    return _scores(*load_scored(out, method), eval_tokens, cloze)
 
 
 def dense_scores(model: Path, eval_tokens: int, cloze: bool) -> dict:
@@ -137,6 +141,41 @@ def render(records: list[dict]) -> str:
 RUN_KEY = ("model", "method", "experts", "top_k", "tokens", "seed", "extra")
 
 
+def run_name(model: str, method: str, experts: int, top_k: int, tokens: int, seed: int, extra: list[str]) -> str:
+    """A run's directory name under --runs."""
+    name = f"{model}-{method}-e{experts}k{top_k}-t{tokens}-s{seed}"
+    if extra:  # variants get their own run directory (and log), not a shared one
+        name += "-" + re.sub(r"[^A-Za-z0-9.]+", "_", " ".join(extra)).strip("_")
+    return name
+
+
+def add_cloze(records: list[dict], args, model: Path, results: Path) -> None:
+    """Add `wiki_cloze_acc` (and re-measure nothing else) to the records of `args.model` that lack it: the dense
+    model, and every run of `args.methods` with these `--topk` and exactly these `--extra` flags whose directory is
+    still under `args.runs`."""
+    for rec in records:
+        if rec["model"] != args.model or "wiki_cloze_acc" in rec:
+            continue
+        if rec["method"] == "dense":
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+            tok = AutoTokenizer.from_pretrained(model)
+        elif rec["method"] in args.methods and rec["extra"] == args.extra and rec["top_k"] in args.topk:
+            out = Path(args.runs) / run_name(rec["model"], rec["method"], rec["experts"], rec["top_k"],
+                                             rec["tokens"], rec["seed"], rec["extra"])
+            if not (out / "dotmoe_meta.json").is_file():
+                continue
+            m, tok = load_scored(out, rec["method"])
+        else:
+            continue
+        from dotmoe.evaluate import run_tasks
+
+        rec["wiki_cloze_acc"] = round(run_tasks(m, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
+        add_record(results, rec)
+        print(json.dumps({k: rec.get(k) for k in ("method", "top_k", "seed", "extra", "wiki_cloze_acc")}), flush=True)
+
+
 def add_record(results: Path, rec: dict) -> None:
     """Add `rec` to the results file (replacing an earlier record of the same run) and rebuild the table. Re-read
     under a file lock, so benchmarks running side by side never overwrite each other's rows."""
@@ -161,6 +200,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--no-cloze", action="store_true")
+    parser.add_argument("--add-cloze", action="store_true",
+                        help="only add wiki_cloze accuracy to this model's records (dense, and --methods / --topk / "
+                             "--extra runs) that lack it, from each run directory still under --runs (no conversion)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `dotmoe convert` flags")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "real_models"))
     parser.add_argument("--results", default=str(RESULTS / "real_models.json"))
@@ -170,6 +212,9 @@ def main() -> None:
     results = Path(args.results)
 
     records = json.loads(results.read_text()) if results.is_file() else []
+    if args.add_cloze:
+        add_cloze(records, args, model, results)
+        return
     if not any(r["model"] == args.model and r["method"] == "dense" for r in records):
         add_record(results, {"model": args.model, "method": "dense",
                              **dense_scores(model, args.eval_tokens, not args.no_cloze)})
@@ -177,10 +222,7 @@ def main() -> None:
         for top_k in args.topk:
             for method in args.methods:
                 for seed in args.seeds:
-                    name = f"{args.model}-{method}-e{args.experts}k{top_k}-t{tokens}-s{seed}"
-                    if args.extra:  # variants get their own run directory (and log), not a shared one
-                        name += "-" + re.sub(r"[^A-Za-z0-9.]+", "_", " ".join(args.extra)).strip("_")
-                    out = Path(args.runs) / name
+                    out = Path(args.runs) / run_name(args.model, method, args.experts, top_k, tokens, seed, args.extra)
                     meta, proc = run_convert(model, method, args.experts, top_k, tokens, seed, out, args.extra)
                     n = meta["intermediate_size"]
                     active = (meta.get("kept_neurons") or
