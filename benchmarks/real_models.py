@@ -2,6 +2,7 @@
 
     python benchmarks/real_models.py --model smollm2 --topk 2 4 --tokens 0          # training-free, all methods
     python benchmarks/real_models.py --model smollm2 --topk 2 --tokens 100000 --methods dotmoe random
+    python benchmarks/real_models.py --model smollm2 --topk 2 4 --methods dotmoe prune --add-cloze --extra ...  # cloze only
 
 Each run is `dotmoe convert` in a subprocess under `/usr/bin/time -v` (wall time, peak RSS), then perplexity of the
 training-time sparse model (identical to the export; parity is tested) on held-out general English (the bundled
