@@ -43,7 +43,7 @@ class Layer:
         self.mlp, self.x, self.cut = mlp, x, len(x) - holdout
         self.h = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
         self.y = mlp.down_proj(self.h).float()
-        self.contrib = self.h.abs() * mlp.down_proj.weight.float().norm(dim=0)
+        self.contrib = self.h.abs() * mlp.down_proj.weight.float().norm(dim=0)  # for prune's importance
 
     def refit_error(self, z: torch.Tensor) -> float:
         """Held-out error of features z [T, n] after the least-squares refit of W_down on the fitting tokens."""
@@ -61,9 +61,12 @@ class Moe:
         self.layer, self.caps, self.experts, self.top_k, self.gating = layer, caps, experts, top_k, gating
         self.fixed = [1.0] * shared + [0.0] * dropped
 
-    def expert_scores(self, part: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
-        c = self.layer.contrib[tokens]
-        return torch.stack([c[:, part == e].norm(dim=-1) for e in range(self.experts)], -1)
+    def oracle(self, part: torch.Tensor, tokens: slice = slice(None)):
+        """`refit_ablation.OracleRouter`'s output on the layer's tokens: logits = each expert's contribution norm,
+        gates = the top-k of them."""
+        from refit_ablation import OracleRouter
+
+        return OracleRouter(self.layer.mlp, part, self.top_k, self.experts)(self.layer.x[tokens])
 
     def router_gates(self, weight: torch.Tensor) -> torch.Tensor:
         from dotmoe.router import TopKRouter
@@ -71,10 +74,6 @@ class Moe:
         router = TopKRouter(weight.shape[1], self.experts, self.top_k, self.gating)
         router.weight.data.copy_(weight)
         return router(self.layer.x).gates.detach()
-
-    def oracle_gates(self, part: torch.Tensor) -> torch.Tensor:
-        scores = self.expert_scores(part)
-        return torch.zeros_like(scores).scatter_(-1, scores.topk(self.top_k, -1).indices, 1.0)
 
     def neuron_gates(self, part: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         columns = torch.cat([gates, gates.new_tensor(self.fixed).expand(len(gates), len(self.fixed))], -1)
@@ -88,8 +87,7 @@ def classifier_router(moe: Moe, part: torch.Tensor, init: torch.Tensor, steps: i
     """A softmax classifier d -> E fitted (LBFGS, from `init`) to each fitting token's oracle top-k experts (target
     1/k each), rescaled so its logits have the least-squares router's spread."""
     fit = slice(0, moe.layer.cut)
-    scores = moe.expert_scores(part, fit)
-    target = torch.zeros_like(scores).scatter_(-1, scores.topk(moe.top_k, -1).indices, 1.0 / moe.top_k)
+    target = moe.oracle(part, fit).gates / moe.top_k
     x = moe.layer.x[fit].float()
     weight = init.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([weight], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
@@ -158,6 +156,7 @@ def trained_experts_error(moe: Moe, part: torch.Tensor, gates: torch.Tensor, ste
 
 @torch.no_grad()
 def main() -> None:
+    from oracle_bound import OracleMLP
     from real_models import model_dir
 
     from dotmoe.config import ConvertConfig
@@ -196,14 +195,13 @@ def main() -> None:
         part, router = calibrate_layer(cfg, layer.mlp, fit, caps, torch.Generator().manual_seed(cfg.seed))
         keep = layer.contrib[: layer.cut].mean(0).topk(budget).indices
         errors = [layer.refit_error(layer.h[:, keep]), moe.error(part, moe.router_gates(router)),
-                  moe.error(part, moe.oracle_gates(part)),
+                  moe.error(part, moe.oracle(part).gates),
                   moe.error(part, moe.router_gates(classifier_router(moe, part, router)))]
         refined, refined_router = refined_partition(moe, part, router, args.refine)
         errors.append(moe.error(refined, moe.router_gates(refined_router)))
         if args.train_steps:
             errors.append(trained_experts_error(moe, part, moe.router_gates(router), args.train_steps, args.train_lr))
-        oracle = torch.zeros_like(layer.h).scatter_(-1, layer.contrib.topk(budget, -1).indices, 1.0)
-        errors.append(layer.refit_error(layer.h * oracle))
+        errors.append(layer.refit_error(OracleMLP(layer.mlp, budget).features(x)[0].float()))
         rows.append((i, errors))
         print(i, [round(e, 4) for e in errors], f"{time.time() - t0:.0f}s", flush=True)
 

@@ -79,7 +79,6 @@ def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]
     caps = torch.tensor(cfg.column_capacities(prep.num_neurons))
     calib = calibration_sequences(prep.seqs, cfg)
     parts, routers = initial_partitions(cfg, model, prep.mlps, caps, calib)
-    original = [m.down_proj.weight.detach().clone() for m in prep.mlps]
     moes = install_moe(model, experts, top_k, cfg.gating, shared=cfg.shared > 0, dropped=cfg.drop > 0)
     oracles = [OracleRouter(m.dense, parts[i], top_k, experts) for i, m in enumerate(moes)]
     structure = f"E={experts}/k={top_k}, shared {cfg.shared}, dropped {cfg.drop}"
@@ -87,11 +86,10 @@ def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]
     lstsq = [m.router for m in moes]
     for i, moe in enumerate(moes):
         moe.router.weight.copy_(routers[i])
-        moe.keep_teacher_down()  # the refit's target stays the dense FFN
+        moe.keep_teacher_down()  # the refit's target stays the dense FFN, whatever the previous pass refitted
     for name, chosen in (("oracle", oracles), ("lstsq (dotmoe convert)", lstsq)):
         for i, moe in enumerate(moes):
             moe.assignment = one_hot_assignment(parts[i], len(caps))
-            moe.dense.down_proj.weight.copy_(original[i])
             moe.router = chosen[i]
         refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], calib, progress=True)
         scores = _scores(model, prep.tokenizer, args.eval_tokens, cloze=False)

@@ -58,10 +58,7 @@ def run_convert(model: Path, method: str, experts: int, top_k: int, tokens: int,
 def load_scored(out: Path, method: str):
     """(model, tokenizer) a run is scored with: the pruned dense export, else the training-time sparse model."""
     if method == "prune":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        return (AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval(),
-                AutoTokenizer.from_pretrained(out / "model"))
+        return load_dense(out / "model")
     from dotmoe.sparse_model import load_sparse_model
 
     model, tok, _ = load_sparse_model(out)
@@ -73,11 +70,21 @@ def score(out: Path, method: str, eval_tokens: int, cloze: bool) -> dict:
     return _scores(*load_scored(out, method), eval_tokens, cloze)
 
 
-def dense_scores(model: Path, eval_tokens: int, cloze: bool) -> dict:
+def load_dense(model: Path):
+    """(model, tokenizer) of the dense checkpoint, fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    return _scores(m, AutoTokenizer.from_pretrained(model), eval_tokens, cloze)
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model)
+
+
+def dense_scores(model: Path, eval_tokens: int, cloze: bool) -> dict:
+    return _scores(*load_dense(model), eval_tokens, cloze)
+
+
+def cloze_accuracy(model, tok) -> float:
+    from dotmoe.evaluate import run_tasks
+
+    return round(run_tasks(model, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
 
 
 @torch.no_grad()
@@ -93,9 +100,7 @@ def _scores(model, tok, eval_tokens: int, cloze: bool) -> dict:
         ids = tokenize_stream(tok, load_texts([str(reference_data_file(split))]))
         res[name] = round(perplexity(model, ids, 256, 128, max_tokens=n), 3)
     if cloze:
-        from dotmoe.evaluate import run_tasks
-
-        res["wiki_cloze_acc"] = round(run_tasks(model, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
+        res["wiki_cloze_acc"] = cloze_accuracy(model, tok)
     return res
 
 
@@ -158,10 +163,7 @@ def add_cloze(records: list[dict], args, model: Path, results: Path) -> None:
         if rec["model"] != args.model or "wiki_cloze_acc" in rec:
             continue
         if rec["method"] == "dense":
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-            tok = AutoTokenizer.from_pretrained(model)
+            m, tok = load_dense(model)
         elif rec["method"] in args.methods and rec["extra"] == args.extra and rec["top_k"] in args.topk:
             out = Path(args.runs) / run_name(rec["model"], rec["method"], rec["experts"], rec["top_k"],
                                              rec["tokens"], rec["seed"], rec["extra"])
@@ -170,9 +172,7 @@ def add_cloze(records: list[dict], args, model: Path, results: Path) -> None:
             m, tok = load_scored(out, rec["method"])
         else:
             continue
-        from dotmoe.evaluate import run_tasks
-
-        rec["wiki_cloze_acc"] = round(run_tasks(m, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
+        rec["wiki_cloze_acc"] = cloze_accuracy(m, tok)
         add_record(results, rec)
         print(json.dumps({k: rec.get(k) for k in ("method", "top_k", "seed", "extra", "wiki_cloze_acc")}), flush=True)
 

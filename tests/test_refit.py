@@ -310,12 +310,12 @@ def test_lstsq_topk_router_is_fitted_even_when_the_partition_needs_no_activation
                                                                                    tmp_path):
     """weight-kmeans partition, no dropped neurons: only the router needs calibration inputs, and --init-router
     lstsq-topk must still get them (it used to fall back to the random init)."""
+    from dotmoe.artifacts import load_conversion
     from dotmoe.train import convert
 
     common = dict(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)], experts=4, top_k=2,
                   tokens=0, seq_len=32, calib_tokens=512, eval_tokens=256, init_affinity="weight-kmeans", shared=0,
                   refit_down=False, export_format="none")
-    from dotmoe.artifacts import load_conversion
 
     for r in ("random", "lstsq", "lstsq-topk"):
         convert(ConvertConfig(**common, init_router=r, out=str(tmp_path / r)), progress=False)
