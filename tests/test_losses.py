@@ -38,3 +38,39 @@ def test_router_losses_match_formulas():
     lb = 4 * ((counts / 20) * out.probs.mean(0)).sum()
     torch.testing.assert_close(load_balancing_loss([out]), lb)
     assert abs(expert_load_cv([out]) - float(counts.std(unbiased=False) / counts.mean())) < 1e-6
+
+
+def _reference_terms(hs, ht, labels, head, temperature):
+    """The unchunked formulas through plain autograd: KL(teacher || student) per token (the teacher's logits a
+    constant), CE per label."""
+    v = head.weight.shape[0]
+    ls = head(hs[:, :-1]).reshape(-1, v)
+    lt = F.linear(ht[:, :-1], head.weight.detach(), head.bias.detach()).reshape(-1, v)  # a fixed target
+    kl = F.kl_div(F.log_softmax(ls / temperature, -1), F.log_softmax(lt / temperature, -1), log_target=True,
+                  reduction="batchmean") * temperature**2
+    return kl, F.cross_entropy(ls, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def test_fused_head_loss_gradients_match_autograd():
+    """The gradients computed in the forward (hidden states, head weight and bias) equal autograd's through the
+    direct formulas, for a weighted KL + CE with a temperature and ignored labels."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hs, ht = torch.randn(2, 9, 16, requires_grad=True), torch.randn(2, 9, 16)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, 3] = labels[1, 7] = -100
+    for temperature, ce_weight in ((1.0, 0.5), (2.0, 0.0)):
+        kl, ce = distill_and_lm_loss(hs, ht, labels, head, temperature=temperature, chunk_tokens=5,
+                                     ce_grad=ce_weight > 0)
+        got = torch.autograd.grad(0.7 * kl + ce_weight * ce, (hs, head.weight, head.bias))
+        ref_kl, ref_ce = _reference_terms(hs, ht, labels, head, temperature)
+        torch.testing.assert_close(kl, ref_kl, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-6)
+        want = torch.autograd.grad(0.7 * ref_kl + ce_weight * ref_ce, (hs, head.weight, head.bias))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # with no teacher, the CE alone carries the gradient
+    _, ce = distill_and_lm_loss(hs, None, labels, head, chunk_tokens=4)
+    (g_h,) = torch.autograd.grad(ce, hs)
+    ref = F.cross_entropy(head(hs[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(g_h, torch.autograd.grad(ref, hs)[0], rtol=1e-4, atol=1e-6)
