@@ -17,6 +17,13 @@ def is_gated_mlp(module: nn.Module) -> bool:
         and callable(getattr(module, "act_fn", None))
 
 
+def ffn_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's neuron activations H = act(x W_gate) * (x W_up) [..., N], in the weights' dtype (x is cast
+    to it: calibration keeps its inputs in fp32 while a bf16 model's weights are bf16)."""
+    x = x.to(mlp.gate_proj.weight.dtype)
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
 def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """All gated MLP modules in forward order; a clear error naming the class if there are none."""
     found = [(name, m) for name, m in model.named_modules() if is_gated_mlp(m)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dotmoe.architecture import ffn_activations
 from dotmoe.partitions import balanced_kmeans
 from dotmoe.rounding import greedy_round
 from dotmoe.sinkhorn import sinkhorn_log
@@ -30,7 +31,7 @@ MAX_PATTERN_TOKENS = 4096  # pattern length; caps memory at N x 4096 floats per 
 @torch.no_grad()
 def neuron_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """H = act(x W_gate) * (x W_up), [tokens, N] in fp32."""
-    return (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+    return ffn_activations(mlp, x).float()
 
 
 @torch.no_grad()

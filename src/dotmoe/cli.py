@@ -50,6 +50,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-on", help="dense (default: each layer's partition and router from the dense "
                    "model's FFN inputs) | converted (from the inputs the converted layers below give it, during the "
                    "refit; training-free)")
+    p.add_argument("--precision", help="auto (default: bf16 where a probe matmul shows the hardware runs it fast, "
+                   "i.e. AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32; the choice and its reason are printed) | "
+                   "fp32 | bf16 (joint mode and prune; bf16 trains only router+assignment)")
     p.add_argument("--refit-down", action=argparse.BooleanOptionalAction, default=None,
                    help="after the conversion, refit the FFN down projections by least squares on the calibration "
                    "tokens so the sparse FFNs reproduce the dense ones (default on; joint mode with frozen FFN "

@@ -88,7 +88,10 @@ class ConvertConfig:
     lb_weight: float = 1e-2
     kl_temperature: float = 1.0
     chunk_tokens: int = 1024
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # accelerate's autocast (re-casts fp32 weights at every call); see `precision`
+    # compute dtype (dotmoe.precision): auto = bf16 where a probe matmul shows the hardware runs it fast, else fp32;
+    # bf16 stores the frozen weights in bf16 (joint mode and prune; trainable router+assignment only)
+    precision: str = "auto"
     gradient_checkpointing: bool = True  # recompute each decoder layer in the backward: activation memory / L
     eval_data: list[str] = field(default_factory=list)
     eval_tokens: int = 32_768
@@ -118,6 +121,14 @@ class ConvertConfig:
         choose("init_affinity", AFFINITY_INITS)
         choose("init_router", ROUTER_INITS)
         choose("mixed_precision", ("no", "bf16", "fp16"))
+        from dotmoe.precision import PRECISIONS
+
+        choose("precision", PRECISIONS)
+        if self.precision == "bf16" and self.trainable != "router+assignment":
+            raise DotMoeError("--precision bf16 keeps the model's weights in bf16, so it trains only the router and "
+                              "assignment (trainable router+assignment); use --precision fp32 to train weights")
+        if self.precision == "bf16" and self.mode == "layerwise":
+            raise DotMoeError("--precision bf16 is for the joint mode and --method prune; --mode layerwise runs fp32")
         choose("calibrate_on", ("dense", "converted"))
         if self.calibrate_on == "converted" and (self.tokens or self.mode != "joint" or self.init_from or
                                                  not self.refit_down):

@@ -43,6 +43,10 @@ def layer_call_inputs(rotary: nn.Module, config, hidden: torch.Tensor, positions
     return [per_type[layer_types[i]] for i in range(num_layers)]
 
 
+class _Caught(Exception):
+    """Raised by `LayerRunner.feed`'s hook to stop a layer's forward once its target module's input is known."""
+
+
 def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -78,6 +82,24 @@ class LayerRunner:
     def run(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         """Layer i's output [B, S, d] for the input hidden states [B, S, d], `chunk` sequences per call."""
         return torch.cat([self.call(i, h) for h in hidden.split(self.chunk)])
+
+    def feed(self, i: int, hidden: torch.Tensor, module: nn.Module, fn) -> None:
+        """Run layer i on `hidden` [B, S, d] a chunk at a time only up to `module` (one of its submodules, e.g. its
+        FFN) and call `fn(x)` with the inputs [tokens, d'] `module` would receive; the rest of the layer (the module
+        itself included) is skipped, since its output is not needed (the GPTQ-style "catcher")."""
+        def catch(m, args):
+            fn(args[0].reshape(-1, args[0].shape[-1]))
+            raise _Caught
+
+        hook = module.register_forward_pre_hook(catch)
+        try:
+            for h in hidden.split(self.chunk):
+                try:
+                    self.call(i, h)
+                except _Caught:
+                    pass
+        finally:
+            hook.remove()
 
     def run_capturing(self, i: int, hidden: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """`run(i, hidden)` and the inputs [tokens, d'] (fp32) that `module`, one of layer i's submodules (its FFN),

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dotmoe.architecture import find_gated_mlps
+from dotmoe.architecture import ffn_activations, find_gated_mlps
 from dotmoe.router import RouterOutput, TopKRouter
 
 
@@ -51,10 +51,10 @@ class MoeMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.dense
         if not self.moe_enabled:
-            return self.dense_down(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            return self.dense_down(ffn_activations(mlp, x))
         if self.assignment is None:
             raise RuntimeError("MoeMLP has no assignment; call the assigner before the forward")
-        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        h = ffn_activations(mlp, x)
         return mlp.down_proj(h * self.neuron_gates(x).to(h.dtype))
 
     def neuron_gates(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dotmoe.architecture import ffn_activations
 from dotmoe.partitions import balanced_kmeans
 
 MAX_IMPORTANCE_TOKENS = 8192  # calibration tokens used for importances and co-activation patterns
@@ -21,7 +22,7 @@ MAX_IMPORTANCE_TOKENS = 8192  # calibration tokens used for importances and co-a
 @torch.no_grad()
 def neuron_contributions(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """|h_i(x)| * ||W_down[:, i]||, [tokens, N] in fp32: how much neuron i adds to each token's FFN output."""
-    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    h = ffn_activations(mlp, x)
     return h.float().abs() * mlp.down_proj.weight.float().norm(dim=0)
 
 
@@ -42,7 +43,7 @@ class SlicedMLP(nn.Module):
         self.down_proj = _slice(mlp.down_proj, index, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ffn_activations(self, x))
 
 
 def _slice(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:

@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from dotmoe.architecture import ffn_activations
 from dotmoe.artifacts import mark_complete, write_meta
 from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
@@ -55,7 +56,7 @@ def _pruned_problem(mlp: nn.Module, kept: list, layer: int):
     from dotmoe.refit import LayerProblem
 
     def build(x: torch.Tensor):
-        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        h = ffn_activations(mlp, x)
         return h[:, kept[layer]], mlp.down_proj(h)
 
     def apply(weight: torch.Tensor) -> None:
@@ -65,8 +66,9 @@ def _pruned_problem(mlp: nn.Module, kept: list, layer: int):
     return LayerProblem(build, apply)
 
 
-def prune_convert(cfg: ConvertConfig, prep, peaks=None):
-    """Prune every gated MLP of `prep.model` in place, save it to <out>/model, and write the summary."""
+def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None):
+    """Prune every gated MLP of `prep.model` in place, save it to <out>/model, and write the summary. `precision`: the
+    run's `dotmoe.precision.PrecisionChoice` (None: fp32); the model is saved in fp32 either way."""
     from pathlib import Path
 
     from dotmoe.train import ConvertResult
@@ -76,11 +78,12 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
     model, n = prep.model, prep.num_neurons
     with torch.no_grad():
         dense_ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
+    peaks = peaks if peaks is not None else StagePeaks()
+    peaks.mark("dense_eval")
     keep = kept_neurons(cfg, n)
     converted = cfg.calibrate_on == "converted"  # kept neurons chosen during the refit, on the pruned inputs
     kept = [None] * len(prep.mlps) if converted else \
         prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep))
-    peaks = peaks if peaks is not None else StagePeaks()
     peaks.mark("calibrate")
     refit_errors = refit_ridges = None
     if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
@@ -109,6 +112,8 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
     model_dir = out / "model"
     tmp = out / f".model.tmp-{os.getpid()}"  # written whole, then renamed: a crash never leaves a partial model
     try:
+        if precision is not None and precision.dtype != torch.float32:  # computed in bf16: saved in fp32 as always
+            model.to(torch.float32)
         model.save_pretrained(tmp)
         prep.tokenizer.save_pretrained(tmp)
         if model_dir.exists():
@@ -129,7 +134,8 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None):
         "base_model": str(prep.model_path.resolve()), "train_tokens": 0, "steps": 0,
         "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "val_ppl": round(ppl, 4),
         "dense_val_ppl": round(dense_ppl, 4), "ppl_ratio": round(ppl / dense_ppl, 4), "eval_curve": [],
-        "config": cfg.to_dict(), "peak_rss_mb": peaks, "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
+        "config": cfg.to_dict(), "peak_rss_mb": peaks, "stage_seconds": peaks.seconds,
+        "precision": "fp32" if precision is None else precision.name, "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
         "refit_ridges": refit_ridges,
         "export": {"dir": str(model_dir), "architecture": type(model).__name__, "exact": True,
                    "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dotmoe.architecture import ffn_activations
 from dotmoe.layer_runner import CHUNK_SEQUENCES, LayerRunner
 
 # Ridge (times the mean diagonal of Z^T Z) candidates; each layer takes the one with the lowest error on held-out
@@ -196,28 +197,32 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
     state: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(modules)), desc="refit down_proj", unit="layer", disable=not progress):
         if prepare is not None:
-            prepare(i, runner.run_capturing(i, hidden, modules[i])[1])
+            inputs: list[torch.Tensor] = []
+            runner.feed(i, hidden, modules[i], lambda x: inputs.append(x.float()))
+            prepare(i, torch.cat(inputs))
+            del inputs
         problem = _Accumulator(cut)
         dense_out = None
         if stream is not None:  # the dense model's layer i on the dense stream (before any hook is registered)
             with stream.dense_mode():
                 dense_out = runner.run(i, dense_hidden)
 
-        def collect(module, args, i=i):
-            z, y = problems[i].build(_rows(args[0]))
+        chunks = iter(range(len(hidden.split(chunk))))
+
+        def collect(x: torch.Tensor, i=i) -> None:
+            z, y = problems[i].build(x)
             if stream is not None:
-                y = y + stream.weight * (state["dense"].to(y.dtype) - state["residual"].to(y.dtype) - y)
+                c = next(chunks)
+                dense = _rows(dense_out[c * chunk: (c + 1) * chunk])
+                y = y + stream.weight * (dense.to(y.dtype) - state["residual"].to(y.dtype) - y)
             problem.add(z, y)
 
-        hooks = [modules[i].register_forward_pre_hook(collect)]
+        hooks = []
         if stream is not None:
             hooks.append(stream.residual[i].register_forward_pre_hook(
                 lambda module, args: state.__setitem__("residual", _rows(args[0]))))
-        try:
-            for c, h in enumerate(hidden.split(chunk)):
-                if dense_out is not None:
-                    state["dense"] = _rows(dense_out[c * chunk: (c + 1) * chunk])
-                runner.call(i, h)
+        try:  # the layer only up to its FFN's input: the FFN's own output is not needed to build the problem
+            runner.feed(i, hidden, modules[i], collect)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -236,7 +241,7 @@ def moe_problem(moe: nn.Module) -> LayerProblem:
     mlp = moe.dense
 
     def build(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        h = ffn_activations(mlp, x)
         return h * moe.neuron_gates(x).to(h.dtype), moe.dense_down(h)
 
     return LayerProblem(build, lambda weight: mlp.down_proj.weight.copy_(weight.to(mlp.down_proj.weight.dtype)))

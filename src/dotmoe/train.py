@@ -6,6 +6,7 @@ One `accelerate` loop, so the same code runs on one CPU, one GPU or several (DDP
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_lo
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
+from dotmoe.precision import choose_precision
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
 
@@ -68,7 +70,9 @@ class MoeTrainingModule(nn.Module):
                     with moe_disabled(self.model):
                         teacher_hidden = base(input_ids=input_ids).last_hidden_state
         hidden = base(input_ids=input_ids).last_hidden_state
-        kl, ce = distill_and_lm_loss(hidden, teacher_hidden, input_ids, head, cfg.kl_temperature, cfg.chunk_tokens)
+        kl, ce = distill_and_lm_loss(hidden, teacher_hidden, input_ids, head, cfg.kl_temperature, cfg.chunk_tokens,
+                                     ce_grad=cfg.ce_weight > 0,
+                                     teacher_head=None if self.teacher is None else self.teacher.get_output_embeddings())
         routed = [m.last_router for m in self.moes]
         z, lb = router_z_loss(routed), load_balancing_loss(routed)
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce + cfg.z_weight * z + cfg.lb_weight * lb
@@ -393,15 +397,16 @@ class Prepared:
         return map_layer_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg), fn)
 
 
-def prepare(cfg: ConvertConfig) -> Prepared:
-    """Load data (first: bad data fails before a large model loads), model and tokenizer; validate sizes."""
+def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
+    """Load data (first: bad data fails before a large model loads), model (its weights in `dtype`) and tokenizer;
+    validate sizes."""
     from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
 
     texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
     eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
     model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
-    model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     named_mlps = find_gated_mlps(model)
     mlps = [m for _, m in named_mlps]
     warning = cfg.fit_shared_to_export(model.config.to_dict())
@@ -468,12 +473,14 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     accelerator = _accelerator(cfg)
     _seed_everything(cfg.seed)
     peaks = StagePeaks()
-    prep = prepare(cfg)
+    precision = choose_precision(cfg.precision, accelerator.device, cfg.trainable != "router+assignment")
+    print(f"dotmoe: computing in {precision.reason}", file=sys.stderr)
+    prep = prepare(cfg, precision.dtype)
     peaks.mark("load")
     if cfg.method == "prune":
         from dotmoe.prune import prune_convert
 
-        return prune_convert(cfg, prep, peaks)
+        return prune_convert(cfg, prep, peaks, precision)
     model, model_path, seqs, eval_ids = prep.model, prep.model_path, prep.seqs, prep.eval_ids
     out = Path(cfg.out)
     mlp_names, mlps, num_neurons = prep.mlp_names, prep.mlps, prep.num_neurons
@@ -676,6 +683,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         if dense_ppl is None:  # the dense model: MoE off, original down projections (kept by a refit)
             with moe_disabled(raw.model):
                 dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+            peaks.mark("dense_eval")
         refit_errors = refit_ridges = None
         if refits_down(cfg) and sharded:  # FSDP2 shards: no whole weight to write the refit into (it ran unnoticed
             # into a discarded unsharded copy when the refit wrote inside the layer's forward)
@@ -712,12 +720,22 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
         "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
         "refit_ridges": refit_ridges,
-        "peak_rss_mb": peaks,
+        "peak_rss_mb": peaks, "stage_seconds": peaks.seconds, "precision": precision.name,
+        "precision_reason": precision.reason,
     }
     if accelerator.is_main_process:
-        from dotmoe.artifacts import mark_complete, save_conversion
+        from dotmoe.artifacts import save_conversion
 
         save_conversion(out, partition, routers, raw.model, summary)
+    # the export reads the conversion back from disk and loads two models of its own to check parity: release this
+    # run's model, optimizer state and snapshots first (SmolLM2 training-free: peak 3,177 MB at the export before)
+    module = raw = model = prep = mlps = optimizer = teacher = assigner = good = write_checkpoint = stop_here = None
+    moes = terms = None
+    accelerator.free_memory()
+    gc.collect()
+    if accelerator.is_main_process:
+        from dotmoe.artifacts import mark_complete
+
         export_and_record(out, cfg, summary, progress)
         mark_complete(out)  # last: only now is this a finished result
         ckpt_path.unlink(missing_ok=True)

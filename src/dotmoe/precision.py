@@ -1,0 +1,91 @@
+"""Which float type a conversion computes in: bf16 where the hardware multiplies it fast, else fp32.
+
+bf16 pays only where the matrix units take it natively (CUDA GPUs with bf16; CPUs with AMX or AVX512-BF16). On a
+CPU without them, torch's bf16 matmul is emulated: on this project's AVX2 machines (AMD EPYC, 2 cores) it ran at
+1-2 GFLOPS against 90-180 GFLOPS in fp32 (`benchmarks/conversion_speed.py` measures both), so bf16 there would be
+~80x slower. Flags alone do not say how fast the kernels are, so `auto` times one small matmul in each type on the
+device and takes bf16 only when it is clearly faster. In bf16 the frozen weights are stored in bf16 (no re-cast at
+every call, which is what made autocast slow), routers, affinities, logits, softmaxes and least-squares problems
+stay fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dotmoe.errors import DotMoeError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_MIN_SPEEDUP = 1.5  # auto takes bf16 only when its probe matmul is at least this much faster than fp32
+_PROBE_SHAPE = (256, 512, 1024)  # tokens x d -> N: an FFN-like shape, ~0.27 GFLOP per call
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The compute dtype of a conversion and the one-line reason it was chosen (printed at start)."""
+
+    name: str
+    dtype: torch.dtype
+    reason: str
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native-bf16 feature flags found in /proc/cpuinfo (amx_bf16, avx512_bf16); [] elsewhere."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int] = _PROBE_SHAPE,
+                  min_seconds: float = 0.02) -> float:
+    """Measured GFLOPS of one [m, k] @ [k, n] matmul in `dtype` on `device` (repeated for at least `min_seconds`)."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up (kernel selection, first-touch allocation)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        calls += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return 2 * m * k * n * calls / elapsed / 1e9
+
+
+def choose_precision(requested: str, device: torch.device, trains_weights: bool) -> PrecisionChoice:
+    """Resolve `--precision` (auto | fp32 | bf16) for a conversion on `device`; `trains_weights`: FFN or all
+    weights train (they need fp32 master copies, which the bf16 mode does not keep: such runs stay fp32)."""
+    if requested not in PRECISIONS:
+        raise DotMoeError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested == "fp32":
+        return PrecisionChoice("fp32", torch.float32, "fp32 as asked (--precision fp32)")
+    if trains_weights:
+        if requested == "bf16":
+            raise DotMoeError("--precision bf16 keeps the model's weights in bf16, so it trains only the router and "
+                              "assignment (trainable router+assignment); use --precision fp32 to train weights")
+        return PrecisionChoice("fp32", torch.float32, "fp32: the model's weights train (bf16 mode keeps no fp32 "
+                                                      "master weights)")
+    if requested == "bf16":
+        return PrecisionChoice("bf16", torch.bfloat16, "bf16 as asked (--precision bf16)")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", torch.bfloat16, f"bf16: {torch.cuda.get_device_name(device)} has bf16")
+        return PrecisionChoice("fp32", torch.float32, "fp32: this GPU has no bf16")
+    if device.type != "cpu":
+        return PrecisionChoice("fp32", torch.float32, f"fp32: no bf16 probe for device {device.type}")
+    fp32, bf16 = matmul_gflops(torch.float32, device), matmul_gflops(torch.bfloat16, device)
+    flags = ", ".join(cpu_bf16_flags()) or "no amx_bf16 / avx512_bf16"
+    measured = f"probe matmul bf16 {bf16:.1f} vs fp32 {fp32:.1f} GFLOPS; CPU: {flags}"
+    if bf16 >= BF16_MIN_SPEEDUP * fp32:
+        return PrecisionChoice("bf16", torch.bfloat16, f"bf16 ({measured})")
+    return PrecisionChoice("fp32", torch.float32, f"fp32 ({measured}; --precision bf16 forces it)")
