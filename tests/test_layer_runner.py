@@ -66,3 +66,25 @@ def test_map_layer_inputs_sees_the_whole_model_forward_inputs(tiny_gemma3_dir):
     assert [i for i, _ in got] == list(range(len(mlps)))
     for (_, x), ref in zip(got, seen):
         torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_feed_gives_the_ffn_inputs_and_skips_the_ffn(tiny_gemma3_dir):
+    """`LayerRunner.feed` hands over the same FFN inputs as a full run (`run_capturing`), chunk by chunk, and the
+    FFN itself never runs (its output is not needed)."""
+    from dotmoe.architecture import find_gated_mlps
+    from dotmoe.layer_runner import LayerRunner
+
+    model = _load(tiny_gemma3_dir)
+    mlps = [m for _, m in find_gated_mlps(model)]
+    ids = torch.randint(0, 300, (5, 24), generator=torch.Generator().manual_seed(3))
+    runner = LayerRunner(model.get_decoder(), ids, chunk=2)
+    calls = []
+    counter = mlps[1].register_forward_hook(lambda m, a, out: calls.append(1))
+    hidden = runner.run(0, runner.hidden)
+    _, want = runner.run_capturing(1, hidden, mlps[1])
+    assert len(calls) == 3  # run_capturing runs the FFN: 3 chunks of <= 2 sequences
+    got = []
+    runner.feed(1, hidden, mlps[1], got.append)
+    counter.remove()
+    assert len(calls) == 3 and len(got) == 3
+    torch.testing.assert_close(torch.cat(got).float(), want)

@@ -64,14 +64,15 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def full_trainable_state(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Whole (unsharded) copies of the trainable parameters, by name. With `keep=False` (the processes that do
-    not write the checkpoint) each shard still takes part in the gather, but nothing is copied or kept."""
+    """The whole (unsharded) trainable parameters, by name: gathered copies of shards, the parameters' own tensors
+    (detached, not copied) otherwise, so write them out before the parameters change. With `keep=False` (the
+    processes that do not write the checkpoint) each shard still takes part in the gather, but nothing is kept."""
     state = {}
     for k, v in module.named_parameters():
         if v.requires_grad:
             whole = full_tensor(v.detach())
             if keep:
-                state[k] = whole.clone()
+                state[k] = whole
     return state
 
 

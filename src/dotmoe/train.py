@@ -324,22 +324,11 @@ def _kept_records(log_path: Path, upto: int, events: bool = False) -> list[dict]
     return records
 
 
-def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
-
-
-def _snapshot(module: MoeTrainingModule, optimizer) -> tuple[dict, dict]:
-    """In-memory copy of the trainable parameters and optimizer state (what a bad step reverts to)."""
-    return _trainable_state(module), copy.deepcopy(optimizer.state_dict())
-
-
-def _restore(module: MoeTrainingModule, optimizer, snapshot: tuple[dict, dict]) -> None:
-    params, opt_state = snapshot
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name in params:
-                p.copy_(params[name])
-    optimizer.load_state_dict(copy.deepcopy(opt_state))
+def _revert_to_checkpoint(module: MoeTrainingModule, optimizer, path: Path) -> None:
+    """Put the trainable parameters and the optimizer state back to the checkpoint in `path` (every process)."""
+    state = load_checkpoint(path)
+    load_full_state(module, state["params"])
+    load_full_optimizer_state(optimizer, state["optimizer"])
 
 
 def _bad_terms(terms: dict[str, torch.Tensor]) -> list[str]:
@@ -474,7 +463,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     _seed_everything(cfg.seed)
     peaks = StagePeaks()
     precision = choose_precision(cfg.precision, accelerator.device, cfg.trainable != "router+assignment")
-    print(f"dotmoe: computing in {precision.reason}", file=sys.stderr)
+    if progress:  # stdout: stderr holds only warnings and the one-line error of a failed run
+        print(f"dotmoe: computing in {precision.reason}", flush=True)
     prep = prepare(cfg, precision.dtype)
     peaks.mark("load")
     if cfg.method == "prune":
@@ -588,7 +578,6 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                initial=start_step, total=cfg.steps)
     module.train()
     world, rank = accelerator.num_processes, accelerator.process_index
-    good = _snapshot(raw, optimizer)  # the state a non-finite step reverts to
     failures = 0
 
     def write_checkpoint(done: int) -> None:
@@ -609,6 +598,10 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             write_checkpoint(done)
             raise Interrupted(signum, f"at step {done} of {cfg.steps} (checkpoint saved in {ckpt_path})")
 
+    if cfg.steps > start_step and not ckpt_path.is_file():
+        # the state a non-finite step reverts to is the last checkpoint on disk: an in-memory snapshot held a second
+        # copy of every trained parameter and its AdamW moments (1.6 GB for SmolLM2 with --trainable full)
+        write_checkpoint(start_step)
     stop_at_step_boundaries(True)  # from here a signal only asks for a stop, which stop_here() carries out
     for step in bar:
         stop_here(step)
@@ -637,7 +630,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                                        and not torch.isfinite(m.last_router.logits).all()],
                      "consecutive_failures": failures}
             optimizer.zero_grad(set_to_none=True)
-            _restore(raw, optimizer, good)
+            _revert_to_checkpoint(raw, optimizer, ckpt_path)
             if accelerator.is_main_process:
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(event) + "\n")
@@ -666,7 +659,6 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            good = _snapshot(raw, optimizer)
             write_checkpoint(step + 1)
 
     if cfg.steps > start_step:
@@ -729,7 +721,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         save_conversion(out, partition, routers, raw.model, summary)
     # the export reads the conversion back from disk and loads two models of its own to check parity: release this
     # run's model, optimizer state and snapshots first (SmolLM2 training-free: peak 3,177 MB at the export before)
-    module = raw = model = prep = mlps = optimizer = teacher = assigner = good = write_checkpoint = stop_here = None
+    module = raw = model = prep = mlps = optimizer = teacher = assigner = write_checkpoint = stop_here = None
     moes = terms = None
     accelerator.free_memory()
     gc.collect()

@@ -1,0 +1,56 @@
+"""--precision: the choice follows the measured matmul rates, and a bf16 conversion stays close to the fp32 one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dotmoe.errors import DotMoeError
+from dotmoe.precision import BF16_MIN_SPEEDUP, choose_precision, matmul_gflops
+
+CPU = torch.device("cpu")
+
+
+def test_auto_takes_bf16_only_when_the_probe_shows_it_fast(monkeypatch):
+    import dotmoe.precision as precision
+
+    rates = {torch.float32: 100.0}
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, device: rates[dtype])
+    rates[torch.bfloat16] = 100.0 * BF16_MIN_SPEEDUP * 1.01  # an AMX-like CPU
+    choice = choose_precision("auto", CPU, trains_weights=False)
+    assert choice.dtype == torch.bfloat16 and "151.5 vs fp32 100.0 GFLOPS" in choice.reason
+    rates[torch.bfloat16] = 1.2  # emulated bf16 (AVX2 only)
+    choice = choose_precision("auto", CPU, trains_weights=False)
+    assert choice.dtype == torch.float32 and "bf16 1.2 vs fp32 100.0 GFLOPS" in choice.reason
+    assert choose_precision("auto", CPU, trains_weights=True).dtype == torch.float32  # fp32 master weights needed
+    assert choose_precision("fp32", CPU, trains_weights=False).dtype == torch.float32
+    assert choose_precision("bf16", CPU, trains_weights=False).dtype == torch.bfloat16
+    with pytest.raises(DotMoeError, match="trains only the router and assignment"):
+        choose_precision("bf16", CPU, trains_weights=True)
+    with pytest.raises(DotMoeError, match="precision must be one of"):
+        choose_precision("fp16", CPU, trains_weights=False)
+
+
+def test_matmul_probe_measures_a_positive_rate():
+    assert matmul_gflops(torch.float32, CPU, (64, 64, 64), min_seconds=0.005) > 0.1
+
+
+def test_bf16_conversion_is_close_to_fp32(tiny_llama_dir, tiny_text, tmp_path):
+    """The same training-free conversion in bf16 (weights stored in bf16, routers and least squares in fp32) and in
+    fp32: the perplexity ratios agree within 2%, the record says which precision ran, and the export is fp32."""
+    import json
+
+    from dotmoe.config import ConvertConfig
+    from dotmoe.train import convert
+
+    ratios = {}
+    for name in ("fp32", "bf16"):
+        cfg = ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
+                            out=str(tmp_path / name), experts=4, top_k=2, seq_len=32, batch_size=4,
+                            calib_tokens=512, eval_tokens=512, precision=name)
+        summary = convert(cfg, progress=False).summary
+        assert summary["precision"] == name
+        ratios[name] = summary["ppl_ratio"]
+        exported = json.loads((tmp_path / name / "model" / "config.json").read_text())
+        assert exported["dtype"] == "float32"
+    assert abs(ratios["bf16"] / ratios["fp32"] - 1) < 0.02, ratios
