@@ -11,7 +11,7 @@ Runs (`dotmoe convert --model DIR --experts 8 --top-k 2` plus):
 - tf: nothing else: the training-free default (65,536 calibration tokens, 32,768 evaluation tokens, export).
 - train: `--tokens 8192 --calib-tokens 2048 --eval-tokens 4096 --export-format none` (4 steps of 8 x 256 tokens,
   trainable router+assignment); tokens/s from the last step of train_log.jsonl (training only).
-- full: the same with `--trainable full --lr... ` (config trainable: full).
+- full: the same with `--trainable full`.
 Per stage (`stage_seconds` in each run's dotmoe_meta.json, new code only where the old code did not record it),
 peak RSS per process (wait4), and tokens/s. The bound column: the run's matmul FLOPs (from the model's shapes) over
 the fp32 rate measured here at `--threads`.
@@ -154,7 +154,7 @@ def main() -> int:
                          "ratio": meta["ppl_ratio"], "bound": bound_seconds(run, flops, meta, fp32_ffn),
                          "train_bound": None if run == "tf" else train_bound(flops, fp32_ffn, run == "full")})
         print(json.dumps(rows[-2:], indent=1, default=str), flush=True)
-    write_table(Path(args.out), rows, rates, args, old_commit)
+        write_table(Path(args.out), rows, rates, args, old_commit)  # after every run: a long one may not finish
     return 0
 
 

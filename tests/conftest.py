@@ -127,3 +127,9 @@ def layer_inputs_seen(monkeypatch) -> list:
 
     monkeypatch.setattr(lw, "_train_layer", spy)
     return seen
+
+
+@pytest.fixture(autouse=True)
+def _own_dense_ppl_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty dense-perplexity cache of its own (never the user's), outside its tmp_path."""
+    monkeypatch.setenv("DOTMOE_PPL_CACHE", str(tmp_path_factory.mktemp("ppl_cache") / "dense_ppl.json"))

@@ -22,6 +22,7 @@ from dotmoe.artifacts import mark_complete, write_meta
 from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
 from dotmoe.guards import prepare_output
+from dotmoe.dense_ppl_cache import dense_perplexity
 from dotmoe.perplexity import perplexity
 from dotmoe.resources import StagePeaks
 
@@ -77,7 +78,7 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None):
     out = Path(cfg.out)
     model, n = prep.model, prep.num_neurons
     with torch.no_grad():
-        dense_ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
+        dense_ppl = dense_perplexity(model, prep.model_path, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
     peaks = peaks if peaks is not None else StagePeaks()
     peaks.mark("dense_eval")
     keep = kept_neurons(cfg, n)

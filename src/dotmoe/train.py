@@ -25,6 +25,7 @@ from dotmoe.architecture import find_gated_mlps, load_causal_lm
 from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
+from dotmoe.dense_ppl_cache import dense_perplexity
 from dotmoe.errors import DotMoeError, Interrupted
 from dotmoe.guards import (CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
                            check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
@@ -572,7 +573,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     dense_ppl = None
     if cfg.eval_every:
         with gathered(raw), moe_disabled(raw.model):
-            dense_ppl = perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2)
+            dense_ppl = dense_perplexity(raw.model.eval(), model_path, eval_ids, cfg.seq_len, cfg.seq_len // 2,
+                                         use_cache=accelerator.num_processes == 1)
     t0, tokens_done = time.time(), 0
     bar = tqdm(range(start_step, cfg.steps), desc=f"convert ({cfg.method})", unit="step", disable=not progress,
                initial=start_step, total=cfg.steps)
@@ -674,7 +676,9 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             partition = raw.set_assignment().hard
         if dense_ppl is None:  # the dense model: MoE off, original down projections (kept by a refit)
             with moe_disabled(raw.model):
-                dense_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+                dense_ppl = dense_perplexity(raw.model, model_path, eval_ids, cfg.seq_len, cfg.seq_len // 2,
+                                             use_cache=accelerator.num_processes == 1 and
+                                             cfg.trainable == "router+assignment")  # else: the trained weights'
             peaks.mark("dense_eval")
         refit_errors = refit_ridges = None
         if refits_down(cfg) and sharded:  # FSDP2 shards: no whole weight to write the refit into (it ran unnoticed
