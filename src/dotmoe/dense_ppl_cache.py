@@ -5,7 +5,8 @@ the dense checkpoint, the evaluation ids, the window protocol and the compute dt
 at the default 32,768 evaluation tokens it is a full forward over 65,536 window tokens, LM head included (on
 SmolLM2, 2 CPU cores: about 3 minutes, a sixth of a training-free conversion). The cache is a JSON file,
 `$DOTMOE_PPL_CACHE`, else `<dotmoe cache>/dense_ppl.json`; its key holds the weight files' paths, sizes and
-modification times, the config and the ids' sha256, so a changed checkpoint or text misses it.
+modification times, the config and the ids' sha256 (and dtype, versions and thread count), so a changed
+checkpoint or text misses it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def _key(model_dir: Path, ids: torch.Tensor, max_len: int, stride: int, dtype: t
     files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in model_weight_files(model_dir)]
     config = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
     tokens = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
-    record = [files, config, tokens, max_len, stride, str(dtype), torch.__version__, transformers.__version__]
+    # the thread count too: it changes the kernels' summation order, and a cached value must be the one a fresh
+    # computation here would give, bit for bit
+    record = [files, config, tokens, max_len, stride, str(dtype), torch.__version__, transformers.__version__,
+              torch.get_num_threads()]
     return hashlib.sha256(json.dumps(record).encode()).hexdigest()
 
 
