@@ -446,6 +446,9 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
 
     `cfg.out` must be new or empty, unless `resume` (continue its checkpoint) or `overwrite` (replace it); it is
     marked complete (COMPLETE) only after everything else, the export included, is written."""
+    from dotmoe.allocator import return_large_blocks_to_the_system
+
+    return_large_blocks_to_the_system()
     check_convert_output(cfg)
     if cfg.mode == "layerwise":
         from dotmoe.layerwise import convert_layerwise
