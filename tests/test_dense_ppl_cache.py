@@ -15,7 +15,7 @@ def test_second_call_reads_the_cache_and_a_changed_checkpoint_misses_it(tiny_lla
     model, _ = load_causal_lm(tiny_llama_dir)
     ids = torch.randint(0, 300, (300,), generator=torch.Generator().manual_seed(0))
     calls = []
-    monkeypatch.setattr(cache, "perplexity", lambda *a: calls.append(1) or perplexity(*a))
+    monkeypatch.setattr(cache, "perplexity", lambda *a, **k: calls.append(1) or perplexity(*a, **k))
     first = cache.dense_perplexity(model, tiny_llama_dir, ids, 64, 32)
     assert first == perplexity(model, ids, 64, 32) and len(calls) == 1
     assert cache.dense_perplexity(model, tiny_llama_dir, ids, 64, 32) == first and len(calls) == 1

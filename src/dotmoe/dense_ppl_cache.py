@@ -52,17 +52,17 @@ def _read() -> dict:
 
 
 def dense_perplexity(model, model_dir: str | Path, ids: torch.Tensor, max_len: int, stride: int,
-                     use_cache: bool = True) -> float:
+                     use_cache: bool = True, progress: bool = False) -> float:
     """`perplexity(model, ids, max_len, stride)` of the dense model loaded from `model_dir` (the caller runs it in
     dense mode), from the cache when this checkpoint, these ids and this protocol were scored before. `use_cache`
     False: always computed (e.g. several processes, which must all run the forward together)."""
     if not use_cache:
-        return perplexity(model, ids, max_len, stride)
+        return perplexity(model, ids, max_len, stride, progress=progress)
     key = _key(Path(model_dir), ids, max_len, stride, next(model.parameters()).dtype)
     hit = _read().get(key)
     if isinstance(hit, float):
         return hit
-    ppl = perplexity(model, ids, max_len, stride)
+    ppl = perplexity(model, ids, max_len, stride, progress=progress)
     data = _read()
     data[key] = ppl
     path = cache_file()

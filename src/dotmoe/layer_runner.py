@@ -116,7 +116,7 @@ class LayerRunner:
 
 @torch.no_grad()
 def map_layer_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Tensor, fn,
-                     chunk: int = CHUNK_SEQUENCES) -> list:
+                     chunk: int = CHUNK_SEQUENCES, progress: bool = False) -> list:
     """[fn(i, x_i) for every MLP i], x_i [tokens, d] (fp32) its dense input on `batches` [B, S], layer by layer
     (`LayerRunner`): resident are the hidden states and one layer's inputs, not any layer's [tokens, N]
     activations for all tokens. `mlps[i]` must be the FFN of decoder layer i."""
@@ -125,7 +125,9 @@ def map_layer_inputs(model: nn.Module, mlps: list[nn.Module], batches: torch.Ten
         raise DotMoeError(f"{len(mlps)} FFNs for {len(runner)} decoder layers: one FFN per layer expected")
     results: list = [None] * len(mlps)
     hidden = runner.hidden
-    for i, mlp in enumerate(mlps):
+    from tqdm import tqdm
+
+    for i, mlp in enumerate(tqdm(mlps, desc="calibrate", unit="layer", disable=not progress)):
         hidden, x = runner.run_capturing(i, hidden, mlp)
         results[i] = fn(i, x)
         del x

@@ -27,8 +27,9 @@ def _windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, max_len: int = 256, stride: int = 128, max_tokens: int | None = None,
-               batch_size: int = 16, progress: bool = False, max_logits_bytes: int = 128 * 2**20) -> float:
-    """Perplexity of `model` on a 1-D id stream."""
+               batch_size: int = 16, progress: bool = False, max_logits_bytes: int = 128 * 2**20,
+               desc: str = "perplexity") -> float:
+    """Perplexity of `model` on a 1-D id stream (`progress`: a bar named `desc`)."""
     if not 0 < stride <= max_len:
         raise ValueError("need 0 < stride <= max_len")
     if max_tokens is not None:
@@ -43,7 +44,7 @@ def perplexity(model, ids: torch.Tensor, max_len: int = 256, stride: int = 128, 
     groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     groups += [[w] for w in windows if w[1] - w[0] != max_len]
     nll, count = 0.0, 0
-    for group in tqdm(groups, desc="perplexity", disable=not progress):
+    for group in tqdm(groups, desc=desc, unit="batch", disable=not progress):
         batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
         target = batch.clone()
         for row, (b, _, first) in enumerate(group):

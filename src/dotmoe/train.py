@@ -208,7 +208,8 @@ def calibrate_during_refit(cfg: ConvertConfig, raw: "MoeTrainingModule", caps: t
 
 
 def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Module], caps: torch.Tensor,
-                       calib: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+                       calib: torch.Tensor | None, progress: bool = False
+                       ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Starting partition [L, N] of every layer (for baselines: the final one) and the starting routers (the
     method's analytic ones, else the lstsq init when asked for, else None: random). `calib` [B, S] are the
     calibration sequences (None for the methods that need no activations)."""
@@ -217,7 +218,7 @@ def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Modul
     def layer(i: int, x: torch.Tensor | None):
         return calibrate_layer(cfg, mlps[i], x, caps, gen)
 
-    pairs = map_layer_inputs(model, mlps, calib, layer) if calib is not None else \
+    pairs = map_layer_inputs(model, mlps, calib, layer, progress=progress) if calib is not None else \
         [layer(i, None) for i in range(len(mlps))]
     routers = [r for _, r in pairs]
     return torch.stack([p for p, _ in pairs]), None if routers[0] is None else routers
@@ -487,7 +488,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         needs_inputs = cfg.init_router != "random" or cfg.drop > 0 or \
             partition_kind(cfg) in ("activation", "hidden-kmeans-router", "coactivation")
         calib = calibration_sequences(seqs, cfg) if needs_inputs else None
-        partitions, start_routers = initial_partitions(cfg, model, mlps, caps, calib)
+        partitions, start_routers = initial_partitions(cfg, model, mlps, caps, calib, progress)
     peaks.mark("calibrate")
 
     teacher = copy.deepcopy(model).eval() if cfg.trainable != "router+assignment" and cfg.kl_weight > 0 else None
@@ -577,7 +578,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     if cfg.eval_every:
         with gathered(raw), moe_disabled(raw.model):
             dense_ppl = dense_perplexity(raw.model.eval(), model_path, eval_ids, cfg.seq_len, cfg.seq_len // 2,
-                                         use_cache=accelerator.num_processes == 1)
+                                         use_cache=accelerator.num_processes == 1, progress=progress)
     t0, tokens_done = time.time(), 0
     bar = tqdm(range(start_step, cfg.steps), desc=f"convert ({cfg.method})", unit="step", disable=not progress,
                initial=start_step, total=cfg.steps)
@@ -681,7 +682,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             with moe_disabled(raw.model):
                 dense_ppl = dense_perplexity(raw.model, model_path, eval_ids, cfg.seq_len, cfg.seq_len // 2,
                                              use_cache=accelerator.num_processes == 1 and
-                                             cfg.trainable == "router+assignment")  # else: the trained weights'
+                                             cfg.trainable == "router+assignment",  # else: the trained weights'
+                                             progress=progress)
             peaks.mark("dense_eval")
         refit_errors = refit_ridges = None
         if refits_down(cfg) and sharded:  # FSDP2 shards: no whole weight to write the refit into (it ran unnoticed
@@ -696,7 +698,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             if calibrate is not None:
                 partition = raw.set_assignment().hard
             peaks.mark("refit")
-        final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2)
+        final_ppl = perplexity(raw.model, eval_ids, cfg.seq_len, cfg.seq_len // 2, progress=progress,
+                               desc="perplexity (MoE)")
         peaks.mark("evaluate")
         routers = [full_tensor(m.router.weight.detach()).clone() for m in raw.moes]  # every process (collective)
         if cfg.trainable != "router+assignment" or refit_errors is not None:
