@@ -326,6 +326,29 @@ def _kept_records(log_path: Path, upto: int, events: bool = False) -> list[dict]
     return records
 
 
+def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def _snapshot(module: MoeTrainingModule, optimizer) -> tuple[dict, dict]:
+    """In-memory copy of the trainable parameters and optimizer state (what a bad step reverts to)."""
+    return _trainable_state(module), copy.deepcopy(optimizer.state_dict())
+
+
+def _restore(module: MoeTrainingModule, optimizer, snapshot: tuple[dict, dict]) -> None:
+    params, opt_state = snapshot
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+    optimizer.load_state_dict(copy.deepcopy(opt_state))
+
+
+# Trainable state (parameters + two AdamW moments) up to this size is snapshotted in memory for a bad step to revert
+# to; above it the revert reads the last checkpoint on disk instead (SmolLM2 --trainable full: 1.6 GB of copies)
+SNAPSHOT_IN_MEMORY_BYTES = 256 * 2**20
+
+
 def _revert_to_checkpoint(module: MoeTrainingModule, optimizer, path: Path) -> None:
     """Put the trainable parameters and the optimizer state back to the checkpoint in `path` (every process)."""
     state = load_checkpoint(path)
@@ -604,9 +627,11 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             write_checkpoint(done)
             raise Interrupted(signum, f"at step {done} of {cfg.steps} (checkpoint saved in {ckpt_path})")
 
-    if cfg.steps > start_step and not ckpt_path.is_file():
-        # the state a non-finite step reverts to is the last checkpoint on disk: an in-memory snapshot held a second
-        # copy of every trained parameter and its AdamW moments (1.6 GB for SmolLM2 with --trainable full)
+    trainable_bytes = 3 * sum(p.numel() * p.element_size() for p in raw.parameters() if p.requires_grad)
+    # what a non-finite step reverts to: an in-memory snapshot, or when the trainable state is too large to copy,
+    # the last checkpoint on disk (so one is written when training starts)
+    good = _snapshot(raw, optimizer) if trainable_bytes <= SNAPSHOT_IN_MEMORY_BYTES else None
+    if good is None and cfg.steps > start_step and not ckpt_path.is_file():
         write_checkpoint(start_step)
     stop_at_step_boundaries(True)  # from here a signal only asks for a stop, which stop_here() carries out
     for step in bar:
@@ -636,7 +661,10 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                                        and not torch.isfinite(m.last_router.logits).all()],
                      "consecutive_failures": failures}
             optimizer.zero_grad(set_to_none=True)
-            _revert_to_checkpoint(raw, optimizer, ckpt_path)
+            if good is not None:
+                _restore(raw, optimizer, good)
+            else:
+                _revert_to_checkpoint(raw, optimizer, ckpt_path)
             if accelerator.is_main_process:
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(event) + "\n")
@@ -665,6 +693,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if good is not None:
+                good = _snapshot(raw, optimizer)
             write_checkpoint(step + 1)
 
     if cfg.steps > start_step:
@@ -731,7 +761,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         save_conversion(out, partition, routers, raw.model, summary)
     # the export reads the conversion back from disk and loads two models of its own to check parity: release this
     # run's model, optimizer state and snapshots first (SmolLM2 training-free: peak 3,177 MB at the export before)
-    module = raw = model = prep = mlps = optimizer = teacher = assigner = write_checkpoint = stop_here = None
+    module = raw = model = prep = mlps = optimizer = teacher = assigner = good = write_checkpoint = stop_here = None
     moes = terms = None
     accelerator.free_memory()
     gc.collect()
