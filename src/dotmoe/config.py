@@ -126,7 +126,7 @@ class ConvertConfig:
         from dotmoe.precision import PRECISIONS
 
         choose("precision", PRECISIONS)
-        if self.precision == "bf16" and self.trainable != "router+assignment":
+        if self.precision == "bf16" and self.trains_weights:
             raise DotMoeError("--precision bf16 keeps the model's weights in bf16, so it trains only the router and "
                               "assignment (trainable router+assignment); use --precision fp32 to train weights")
         if self.precision == "bf16" and self.mode == "layerwise":
@@ -234,6 +234,11 @@ class ConvertConfig:
     def router_fit_top_k(self) -> int | None:
         """The `top_k` argument of the analytic router fit (`train.lstsq_router`): k for lstsq-topk, else None."""
         return self.top_k if self.init_router == "lstsq-topk" else None
+
+    @property
+    def trains_weights(self) -> bool:
+        """Whether the model's own weights train (trainable experts or full), not only routers and assignment."""
+        return self.trainable != "router+assignment"
 
     @property
     def trains_layers(self) -> bool:

@@ -490,7 +490,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     accelerator = _accelerator(cfg)
     _seed_everything(cfg.seed)
     peaks = StagePeaks()
-    precision = choose_precision(cfg.precision, accelerator.device, cfg.trainable != "router+assignment")
+    precision = choose_precision(cfg.precision, accelerator.device, cfg.trains_weights)
     if progress:  # stdout: stderr holds only warnings and the one-line error of a failed run
         print(f"dotmoe: computing in {precision.reason}", flush=True)
     prep = prepare(cfg, precision.dtype)
@@ -712,7 +712,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             with moe_disabled(raw.model):
                 dense_ppl = dense_perplexity(raw.model, model_path, eval_ids, cfg.seq_len, cfg.seq_len // 2,
                                              use_cache=accelerator.num_processes == 1 and
-                                             cfg.trainable == "router+assignment",  # else: the trained weights'
+                                             not cfg.trains_weights,  # else: the trained weights'
                                              progress=progress)
             peaks.mark("dense_eval")
         refit_errors = refit_ridges = None
