@@ -62,7 +62,11 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    "assignment train against the refitted FFNs (default on; not under FSDP)")
     p.add_argument("--refit-stream", type=float, help="refit target: also pull the residual stream back to the "
                    "dense model's, with this weight in [0, 1] (default 0; Llama-shaped layers only)")
-    p.add_argument("--eval-every", type=int, help="evaluate validation perplexity every N steps (0 = end only)")
+    p.add_argument("--eval-every", type=int, help="evaluate validation perplexity at the start of training and "
+                   "every N steps (0 = end only)")
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --eval-every: end with the trainable state of the best validation perplexity, the "
+                   "start included (default on)")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint.pt")
@@ -223,16 +227,17 @@ def demo_report(out_dirs: list[Path], header: str) -> str:
         lines.append(f"| {s['method']} | {s['experts']} | {s['top_k']} | {s['train_tokens']} | {s['val_ppl']:.3f} | "
                      f"{s['dense_val_ppl']:.3f} | {s['ppl_ratio']:.3f} | {s['final_terms']['kl']:.4f} | "
                      f"{s['wall_seconds']} |")
-    lines += ["", "Curves at each evaluation point: validation PPL of the MoE; mean KL of the steps since the "
-              "previous point."]
+    lines += ["", "Curves at each evaluation point (the first is the start of training): validation PPL of the MoE; "
+              "mean KL of the steps since the previous point."]
     for method, log in logs:
         points = [i for i, rec in enumerate(log) if "val_ppl" in rec]
         kls, prev = [], 0
         for i in points:
-            kls.append(sum(rec["kl"] for rec in log[prev : i + 1]) / (i + 1 - prev))
+            seg = [rec["kl"] for rec in log[prev : i + 1] if "kl" in rec]  # the start has no training step
+            kls.append(f"{sum(seg) / len(seg):.4f}" if seg else "-")
             prev = i + 1
         lines.append(f"- {method} PPL: " + " ".join(f"{log[i]['val_ppl']:.2f}" for i in points))
-        lines.append(f"- {method} KL:  " + " ".join(f"{k:.4f}" for k in kls))
+        lines.append(f"- {method} KL:  " + " ".join(kls))
     return "\n".join(lines)
 
 

@@ -30,7 +30,9 @@ class ConvertConfig:
     mode: str = "joint"  # joint (end-to-end KL) | layerwise (one layer at a time, low memory)
     layer_steps: int = 100  # layerwise: optimizer steps per layer
     global_tokens: int = 0  # layerwise: tokens of joint end-to-end KL training after the layer-wise pass (0 = none)
-    init_from: str = ""  # joint: start from an earlier conversion's partition and routers (e.g. a layer-wise one)
+    # joint: start from an earlier conversion's partition and routers (e.g. a layer-wise one), and from its refitted
+    # down projections when it refitted them (no refit before training then: they fit that partition and routers)
+    init_from: str = ""
     experts: int = 8
     top_k: int = 2
     # Always-on neurons. By default a `shared_fraction` of the active FFN budget (k/E of the neurons) is an
@@ -97,7 +99,11 @@ class ConvertConfig:
     gradient_checkpointing: bool = True  # recompute each decoder layer in the backward: activation memory / L
     eval_data: list[str] = field(default_factory=list)
     eval_tokens: int = 32_768
+    # validation perplexity (eval_data) of the MoE at the start of training and every eval_every optimizer steps
+    # (0 = only at the end); with keep_best the run ends with the trainable state of its best validation point
+    # (the start included), so training never leaves a model worse on validation than the one it started from
     eval_every: int = 0
+    keep_best: bool = True
     checkpoint_every: int = 50
     max_bad_steps: int = 3  # consecutive non-finite steps (each reverted and skipped) before giving up
     log_every: int = 10

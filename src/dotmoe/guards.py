@@ -28,8 +28,10 @@ MIN_EVAL_TOKENS = 128  # perplexity on fewer tokens than this is noise, not a me
 COMPLETE = "COMPLETE"  # written last: its presence is what makes a conversion directory a finished result
 CHECKPOINT = "checkpoint.pt"
 LAYERWISE_CHECKPOINT = "layerwise_checkpoint.pt"
+BEST_STATE = "best_state.pt"  # the trainable state at the best validation perplexity so far (joint training)
 LAYERWISE_DIR = "layerwise"
-_RUN_FILES = ("dotmoe_meta.json", "assignment.safetensors", "trained_weights.safetensors", "train_log.jsonl", "model")
+_RUN_FILES = ("dotmoe_meta.json", "assignment.safetensors", "trained_weights.safetensors", "train_log.jsonl", "model",
+              BEST_STATE)
 # settings that change where or how a run is written, never its result: a resume may change them
 RUN_ONLY_SETTINGS = ("out", "resume", "overwrite", "checkpoint_every", "export_format", "log_every")
 

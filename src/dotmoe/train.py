@@ -27,7 +27,7 @@ from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 from dotmoe.dense_ppl_cache import dense_perplexity
 from dotmoe.errors import DotMoeError, Interrupted
-from dotmoe.guards import (CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
+from dotmoe.guards import (BEST_STATE, CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
                            check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
 from dotmoe.layer_runner import map_layer_inputs
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
@@ -248,6 +248,27 @@ def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
     return start.partition, start.routers
 
 
+def refitted_down_projections(init_from: str, mlp_names: list[str]) -> list[torch.Tensor] | None:
+    """The down projections a (training-free) `--init-from` conversion refitted, one per MLP, when it holds exactly
+    those (its other weights untouched); else None. Training from such a start needs no refit of its own: they
+    were fitted for the partition and routers it starts from."""
+    from safetensors.torch import load_file
+
+    from dotmoe.artifacts import TRAINED_WEIGHTS_FILE
+
+    file = Path(init_from) / TRAINED_WEIGHTS_FILE
+    if not file.is_file():
+        return None
+    try:
+        weights = load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for truncated or foreign files
+        raise DotMoeError(f"--init-from: corrupt convert output: {file}: {exc}") from exc
+    names = [f"{n}.down_proj.weight" for n in mlp_names]
+    if set(weights) != set(names):
+        return None
+    return [weights[n].float() for n in names]
+
+
 def calibration_sequences(seqs: torch.Tensor, cfg: ConvertConfig) -> torch.Tensor:
     """`cfg.calibration_tokens` worth of packed sequences used for calibration (a seeded random subset)."""
     shuffled = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
@@ -324,6 +345,14 @@ def _kept_records(log_path: Path, upto: int, events: bool = False) -> list[dict]
                 (events or "event" not in record):
             records.append(record)
     return records
+
+
+def _best_so_far(history: list[dict], best_path: Path | None) -> tuple[float, int] | None:
+    """(val_ppl, step) of the best evaluation in a resumed run's kept records, when its best state is on disk."""
+    if best_path is None or not best_path.is_file():
+        return None
+    scored = [(r["val_ppl"], r["step"]) for r in history if "val_ppl" in r]
+    return min(scored, key=lambda e: (e[0], e[1])) if scored else None
 
 
 def _trainable_state(module: MoeTrainingModule) -> dict[str, torch.Tensor]:
@@ -566,7 +595,13 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     sharded = fsdp or has_sharded_parameters(raw)
-    if cfg.steps and cfg.refit_down and cfg.refit_before_training and not sharded:
+    start_down = refitted_down_projections(cfg.init_from, mlp_names) if cfg.init_from and cfg.steps else None
+    if start_down is not None:  # the --init-from conversion's refitted FFNs: training starts from exactly it
+        with torch.no_grad():
+            for m, w in zip(raw.moes, start_down):
+                m.keep_teacher_down()
+                m.dense.down_proj.weight.copy_(w)
+    elif cfg.steps and cfg.refit_down and cfg.refit_before_training and not sharded:
         # also with trainable FFN weights (their training then starts from the refitted ones); not with sharded
         # parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume recomputes the
         # same weights before loading its checkpoint (which holds only the trainable tensors)
@@ -602,6 +637,33 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         with gathered(raw), moe_disabled(raw.model):
             dense_ppl = dense_perplexity(raw.model.eval(), model_path, eval_ids, cfg.seq_len, cfg.seq_len // 2,
                                          use_cache=accelerator.num_processes == 1, progress=progress)
+    best_path = out / BEST_STATE
+    best = _best_so_far(history, best_path if start_step else None)  # (val_ppl, step) of the best evaluation
+
+    def evaluate_now(done: int) -> float:
+        """Validation perplexity of the MoE as it is after `done` steps; kept as the best state when it is."""
+        nonlocal best
+        with gathered(raw):
+            with torch.no_grad():
+                raw.set_assignment()
+            ppl = round(perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2), 4)
+        raw.model.train()
+        evals.append(ppl)
+        if cfg.keep_best and (best is None or ppl < best[0]):
+            best = (ppl, done)
+            state = {"params": full_trainable_state(raw, keep=accelerator.is_main_process), "step": done,
+                     "tau": raw.assigner.tau, "val_ppl": ppl, "config": resume_key(cfg)}
+            if accelerator.is_main_process:
+                save_checkpoint(state, best_path)
+        return ppl
+
+    if cfg.eval_every and start_step == 0 and cfg.steps:  # the starting point: what training must beat
+        raw.assigner.tau = cfg.tau_at(0, cfg.steps)
+        start = {"step": 0, "tokens": 0, "tau": round(raw.assigner.tau, 5), "val_ppl": evaluate_now(0)}
+        history.append(start)
+        if accelerator.is_main_process:
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(start) + "\n")
     t0, tokens_done = time.time(), 0
     bar = tqdm(range(start_step, cfg.steps), desc=f"convert ({cfg.method})", unit="step", disable=not progress,
                initial=start_step, total=cfg.steps)
@@ -681,11 +743,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                   "tau": round(raw.assigner.tau, 5), **{k: round(v, 6) for k, v in terms_sum.items()},
                   "tokens_per_s": round(tokens_done / (time.time() - t0), 1)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            with gathered(raw):
-                raw.set_assignment()
-                record["val_ppl"] = round(perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2), 4)
-            raw.model.train()
-            evals.append(record["val_ppl"])
+            record["val_ppl"] = evaluate_now(step + 1)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", cv=f"{record['load_cv']:.2f}",
                         err=f"{record['marginal_error']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -703,6 +761,16 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
 
     raw.eval()
     peaks.mark("train")
+    best_step = None
+    if best is not None and best_path.is_file():
+        best_step = best[1]
+        if best_step != cfg.steps:  # training went past its best validation point: back to it
+            kept = load_checkpoint(best_path)
+            load_full_state(raw, kept["params"])
+            raw.assigner.tau = float(kept["tau"])
+            if progress:
+                print(f"dotmoe: keeping the best validation state, step {best_step} of {cfg.steps} (val PPL "
+                      f"{best[0]:.3f}; last {evals[-1]:.3f})", flush=True)
     if cfg.steps == 0:  # training-free: the initial partition at the final temperature
         raw.assigner.tau = cfg.tau_end
     with gathered(raw):  # FSDP: the root's parameters whole; each decoder layer unshards in its own forward
@@ -749,7 +817,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         "steps": cfg.steps, "processes": accelerator.num_processes, "wall_seconds": round(time.time() - t0, 1),
         "final_terms": {k: v for k, v in history[-1].items() if k not in ("step", "tokens")} if history else {},
         "val_ppl": round(final_ppl, 4), "dense_val_ppl": round(dense_ppl, 4),
-        "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "config": cfg.to_dict(),
+        "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "best_step": best_step,
+        "eval_steps": [r["step"] for r in history if "val_ppl" in r], "config": cfg.to_dict(),
         "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
         "refit_ridges": refit_ridges,
         "peak_rss_mb": peaks, "stage_seconds": peaks.seconds, "precision": precision.name,
@@ -771,5 +840,6 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         export_and_record(out, cfg, summary, progress)
         mark_complete(out)  # last: only now is this a finished result
         ckpt_path.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
     return ConvertResult(out_dir=out, partition=partition, summary=summary)
 
