@@ -179,3 +179,15 @@ def test_default_shared_and_dropped_columns_hold_the_budget_and_export_exactly(t
     parity = json.loads((tmp_path / "o" / "model" / "parity.json").read_text())
     assert exported["shared_expert_intermediate_size"] == s["shared"]
     assert parity["max_abs_logit_diff"] < 1e-5 and parity["top1_agreement"] == 1.0
+
+
+def test_lr_affinity_zero_trains_with_the_starting_partition_frozen(tiny_llama_dir, tiny_text, tmp_path):
+    """The paper's ablation: the same training with the initial partition frozen (router and weights still train)."""
+    free = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "free", tokens=0), progress=False)
+    learned = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "learned", lr_affinity=20.0), progress=False)
+    frozen = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "frozen", lr_affinity=0.0), progress=False)
+    assert torch.equal(frozen.partition, free.partition)
+    assert not torch.equal(learned.partition, free.partition)  # a learned assignment moves neurons at this rate
+    assert not torch.equal(load_conversion(tmp_path / "frozen").routers[0], load_conversion(tmp_path / "free").routers[0])
+    with pytest.raises(DotMoeError, match="init_affinity random has none"):
+        ConvertConfig(lr_affinity=0.0, init_affinity="random")

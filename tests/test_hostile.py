@@ -376,7 +376,7 @@ def test_too_little_evaluation_data_is_refused(work, reference, exported, tmp_pa
 
 
 @pytest.mark.parametrize("line, message", [
-    ("lr_router: -0.001", "lr_router must be > 0"), ("lr_affinity: 0", "lr_affinity must be > 0"),
+    ("lr_router: -0.001", "lr_router must be > 0"), ("lr_affinity: -1", "lr_affinity must be >= 0"),
     ("lr_weights: .nan", "lr_weights must be a finite number"), ("tau_start: -1", "must be > 0"),
     ("init_scale: 0", "init_scale must be > 0"), ("kl_weight: -1", "loss weights must be >= 0"),
     ("warmup_steps: -5", "warmup_steps must be >= 0"), ("seed: -1", "seed must be >= 0"),

@@ -53,7 +53,7 @@ class ConvertConfig:
     batch_size: int = 8
     grad_accum: int = 1
     trainable: str = "router+assignment"
-    lr_affinity: float = 0.05
+    lr_affinity: float = 0.05  # 0 = the starting partition stays frozen (the router and weights still train)
     lr_router: float = 3e-3
     lr_weights: float = 1e-5
     warmup_steps: int = 10
@@ -194,9 +194,14 @@ class ConvertConfig:
                 raise DotMoeError(f"{f.name} must be a finite number, got {value!r}")
             if f.type == "int" and value < 0:
                 raise DotMoeError(f"{f.name} must be >= 0, got {value}")
-        for name in ("lr_affinity", "lr_router", "lr_weights", "init_scale"):
+        for name in ("lr_router", "lr_weights", "init_scale"):
             if getattr(self, name) <= 0:
                 raise DotMoeError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.lr_affinity < 0:
+            raise DotMoeError(f"lr_affinity must be >= 0 (0 = a frozen partition), got {self.lr_affinity}")
+        if self.lr_affinity == 0 and self.method == "dotmoe" and self.init_affinity == "random" and not self.init_from:
+            raise DotMoeError("lr_affinity 0 freezes the starting partition, but init_affinity random has none (its "
+                              "partition comes from the optimal transport); choose another init_affinity")
         if self.seed >= 2**32:
             raise DotMoeError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.eval_tokens < MIN_EVAL_TOKENS:
@@ -240,6 +245,11 @@ class ConvertConfig:
     def router_fit_top_k(self) -> int | None:
         """The `top_k` argument of the analytic router fit (`train.lstsq_router`): k for lstsq-topk, else None."""
         return self.top_k if self.init_router == "lstsq-topk" else None
+
+    @property
+    def learns_assignment(self) -> bool:
+        """Whether the neuron -> expert assignment is learned (DOT-MoE with lr_affinity > 0), not a fixed partition."""
+        return self.method == "dotmoe" and self.lr_affinity > 0
 
     @property
     def trains_weights(self) -> bool:

@@ -82,7 +82,7 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
         elif cfg.init_router != "random":
             moe.router.weight.copy_(lstsq_router(mlp, x, part, cfg.experts, cfg.router_fit_top_k))
     affinity = cfg.init_scale * torch.nn.functional.one_hot(part, len(caps)).float().unsqueeze(0)
-    assigner = NeuronAssigner(affinity, caps, learn=cfg.method == "dotmoe")
+    assigner = NeuronAssigner(affinity, caps, learn=cfg.learns_assignment)
     assigner.iters = cfg.sinkhorn_iters
     groups = [{"params": [moe.router.weight], "lr": cfg.lr_router}]
     if assigner.learn:

@@ -553,7 +553,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     affinity = cfg.init_scale * torch.nn.functional.one_hot(partitions, len(caps)).float()
     if cfg.method == "dotmoe" and cfg.init_affinity == "random" and not cfg.init_from:
         affinity = 0.01 * torch.randn(partitions.shape + (len(caps),), generator=torch.Generator().manual_seed(cfg.seed))
-    assigner = NeuronAssigner(affinity, caps, learn=cfg.method == "dotmoe")
+    assigner = NeuronAssigner(affinity, caps, learn=cfg.learns_assignment)
     assigner.iters = cfg.sinkhorn_iters
 
     groups = [{"params": [m.router.weight for m in moes], "lr": cfg.lr_router, "name": "router"}]
