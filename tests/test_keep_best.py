@@ -58,13 +58,17 @@ def test_best_state_survives_a_resume(tiny_llama_dir, tiny_text, tmp_path, monke
 
 def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_start(tmp_path, monkeypatch):
     """Frozen FFN weights (bundled reference model): a router learning rate far too high makes validation worse
-    at every evaluation, so the run returns to its start, and the refit after training, fitted again for that start,
-    gives exactly the training-free conversion."""
+    at every evaluation, so the run returns to its start, which is exactly the training-free conversion."""
     from dotmoe.config import ConvertConfig
     from dotmoe.paths import reference_data_file
 
     common = dict(experts=8, top_k=2, calib_tokens=512, eval_tokens=512, seq_len=64, batch_size=4, seed=0,
                   eval_data=[str(reference_data_file("validation"))], export_format="none")
+    import dotmoe.train as train
+
+    refits = []
+    original = train.refit_moe_down
+    monkeypatch.setattr(train, "refit_moe_down", lambda *a, **kw: refits.append(1) or original(*a, **kw))
     free = convert(ConvertConfig(**common, tokens=0, out=str(tmp_path / "free")), progress=False).summary
     hurt = convert(ConvertConfig(**common, tokens=2 * 4 * 64, eval_every=1, warmup_steps=0, lr_router=1.0,
                                  lr_affinity=5.0, out=str(tmp_path / "hurt")), progress=False).summary
@@ -72,17 +76,14 @@ def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_s
     assert hurt["best_step"] == 0
     assert hurt["eval_curve"][0] == pytest.approx(free["val_ppl"], rel=1e-5)  # the start is the training-free model
     assert hurt["val_ppl"] == pytest.approx(free["val_ppl"], rel=1e-5)
+    assert len(refits) == 2  # training-free: one; trained: the refit before training, none after by default
     # the same from --init-from the training-free conversion: its refitted down projections are the start (no refit
     # of its own before training), so the start is again exactly the training-free model
-    import dotmoe.train as train
-
-    refits = []
-    original = train.refit_moe_down
-    monkeypatch.setattr(train, "refit_moe_down", lambda *a, **kw: refits.append(1) or original(*a, **kw))
+    refits.clear()
     again = convert(ConvertConfig(**common, tokens=2 * 4 * 64, eval_every=1, warmup_steps=0, lr_router=1.0,
                                   lr_affinity=5.0, init_from=str(tmp_path / "free"), out=str(tmp_path / "again")),
                     progress=False).summary
     assert again["eval_curve"][0] == pytest.approx(free["val_ppl"], rel=1e-5)
-    assert len(refits) == 1  # only the refit after training
+    assert not refits  # no refit before training (the start's), none after (the router trained for these FFNs)
     assert again["val_ppl"] == pytest.approx(free["val_ppl"], rel=1e-5)
 

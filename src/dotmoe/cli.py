@@ -60,6 +60,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-before-training", action=argparse.BooleanOptionalAction, default=None,
                    help="with --refit-down and --tokens > 0: refit before training as well, so the router and "
                    "assignment train against the refitted FFNs (default on; not under FSDP)")
+    p.add_argument("--refit-after-training", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --refit-before-training: refit once more after training the router and assignment "
+                   "(default off: it undid most of what training gained on SmolLM2)")
     p.add_argument("--refit-stream", type=float, help="refit target: also pull the residual stream back to the "
                    "dense model's, with this weight in [0, 1] (default 0; Llama-shaped layers only)")
     p.add_argument("--eval-every", type=int, help="evaluate validation perplexity at the start of training and "

@@ -1,0 +1,175 @@
+"""Training recipes on a real model: does joint training beat its own training-free start, and which recipe does?
+
+    python benchmarks/train_recipes.py --model smollm2-135m-instruct --recipes router-assignment full-low-lr --jobs 2
+    python benchmarks/train_recipes.py --model smollm2-135m-instruct --report          # rebuild the table and plot only
+
+One training-free conversion (`start`) is made first; every recipe then trains from it (`--init-from`: the same
+partition, routers and refitted down projections, so each curve starts at exactly the training-free model), on the
+bundled Wikipedia train split, with the validation perplexity (Wikipedia validation split) measured at the start and
+every `--eval-every` steps; the run keeps its best validation state (`keep_best`). Afterwards each run is scored on
+held-out test text it never saw in any choice: the first 8,192 tokens of the Wikipedia test split and 4,096 of the
+Python-docs test split. Runs go to `--runs`; a finished run is not redone. `--jobs 2` runs two recipes at once with
+one thread each (quality only: their tokens/s are then per core, and the two share memory bandwidth).
+
+Results: `benchmarks/results/train_recipes_<model>.md` (+ `.json`, + `_val_curve.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# name -> ConvertConfig overrides (a YAML config of `dotmoe convert`); warmup 2 of the 16 steps of a 32k-token run
+RECIPES = {
+    # the defaults of `--tokens N` until now: router and assignment train, frozen FFN weights, refit after training
+    "router-assignment": {"warmup_steps": 2},
+    # every weight trains (distillation from the dense teacher); router and assignment at 30x / 50x lower rates
+    "full-low-lr": {"trainable": "full", "lr_weights": 3.0e-5, "lr_router": 1.0e-4, "lr_affinity": 1.0e-3,
+                    "warmup_steps": 2},
+    # the same, weights at 1e-4
+    "full-lr1e-4": {"trainable": "full", "lr_weights": 1.0e-4, "lr_router": 1.0e-4, "lr_affinity": 1.0e-3,
+                    "warmup_steps": 2},
+    # the paper's ablation: full-low-lr with the starting partition frozen
+    "full-low-lr-frozen": {"trainable": "full", "lr_weights": 3.0e-5, "lr_router": 1.0e-4, "lr_affinity": 0.0,
+                           "warmup_steps": 2},
+    # full-low-lr with the router and assignment at the old rates (3e-3 / 0.05)
+    "full-high-router-lr": {"trainable": "full", "lr_weights": 3.0e-5, "warmup_steps": 2},
+}
+
+
+def convert_cmd(model: Path, out: Path, tokens: int, calib: int, eval_tokens: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "dotmoe.cli", "convert", "--model", str(model), "--experts", "8", "--top-k", "2",
+            "--tokens", str(tokens), "--calib-tokens", str(calib), "--eval-tokens", str(eval_tokens),
+            "--export-format", "none", "--out", str(out), *extra]
+
+
+def run(cmd: list[str], log: Path, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}); see {log}")
+    return round(time.time() - t0, 1)
+
+
+def score(out: Path) -> dict:
+    from real_models import score as score_run
+
+    return score_run(out, "dotmoe", 8192, cloze=False)
+
+
+def record(name: str, out: Path, wall: float | None) -> dict:
+    meta = json.loads((out / "dotmoe_meta.json").read_text())
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()] \
+        if (out / "train_log.jsonl").is_file() else []
+    curve = [(r["tokens"], r["val_ppl"]) for r in log if "val_ppl" in r]
+    speeds = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
+    return {"recipe": name, "config": RECIPES.get(name, {}), "train_tokens": meta["train_tokens"],
+            "val_curve": curve, "best_step": meta.get("best_step"), "final_val_ppl": meta["val_ppl"],
+            "dense_val_ppl": meta["dense_val_ppl"], "tokens_per_s": speeds[-1] if speeds else None, "wall_s": wall,
+            **score(out)}
+
+
+def render(model: str, records: list[dict], dense: dict, args) -> str:
+    lines = [f"# Training recipes on {model}: E=8 / k=2 (25% of the FFN active)", "",
+             f"`python benchmarks/train_recipes.py --model {model} ...` (module docstring); machine: 2 CPU cores (AMD "
+             "EPYC, AVX2), torch 2.13.0+cpu. Start: a training-free conversion with "
+             f"{args.calib_tokens:,} calibration tokens; every recipe trains {args.tokens:,} tokens from it "
+             f"(batch 8 x 256) and keeps its best validation state (validation: first {args.eval_tokens:,} tokens "
+             "of the Wikipedia validation split, at the start and every "
+             f"{args.eval_every} steps). Test: first 8,192 tokens of the Wikipedia test split (dense PPL "
+             f"{dense['wiki_test_ppl']}) and 4,096 of the Python-docs test split (dense {dense['pydocs_test_ppl']}).",
+             "", "| recipe | tokens | val PPL: start -> each evaluation | best step | wiki test PPL | ratio | pydocs "
+             "test PPL | tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        curve = " -> ".join(f"{p:.1f}" for _, p in r["val_curve"]) or "-"
+        lines.append(f"| {r['recipe']} | {r['train_tokens']:,} | {curve} | {r['best_step']} | "
+                     f"{r['wiki_test_ppl']:.2f} | {r['wiki_test_ppl'] / dense['wiki_test_ppl']:.2f} | "
+                     f"{r['pydocs_test_ppl']:.2f} | {r['tokens_per_s'] or ''} |")
+    lines += ["", "Recipes (ConvertConfig overrides; everything else at the defaults):", ""]
+    lines += [f"- `{r['recipe']}`: `{json.dumps(r['config'])}`" for r in records if r["recipe"] != "start"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in records:
+        if r["val_curve"]:
+            ax.plot(*zip(*r["val_curve"]), marker="o", label=r["recipe"])
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation PPL (Wikipedia validation split)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="smollm2-135m-instruct | gemma-3-270m | a local HF model directory")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--runs", default="out/train_recipes")
+    parser.add_argument("--jobs", type=int, default=1, help="recipes run at once (threads: 2 // jobs each)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
+    args = parser.parse_args()
+
+    from real_models import dense_scores, model_dir
+
+    model = model_dir(args.model)
+    runs = Path(args.runs) / Path(args.model).name
+    runs.mkdir(parents=True, exist_ok=True)
+    start = runs / "start"
+    if not args.report and not (start / "COMPLETE").is_file():
+        run(convert_cmd(model, start, 0, args.calib_tokens, 8192, ["--overwrite"]), runs / "start.log", 2)
+
+    def one(name: str) -> None:
+        out = runs / name
+        if (out / "COMPLETE").is_file():
+            return
+        cfg = runs / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(RECIPES[name]))
+        extra = ["--init-from", str(start), "--config", str(cfg), "--eval-every", str(args.eval_every), "--overwrite"]
+        wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, extra),
+                   runs / f"{name}.log", max(1, 2 // args.jobs))
+        (out / "wall_s.txt").write_text(str(wall))
+
+    if not args.report:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(one, args.recipes))
+    dense = dense_scores(model, 8192, cloze=False)
+    records = [record("start", start, None)]
+    for name in RECIPES:
+        out = runs / name
+        if (out / "COMPLETE").is_file():
+            wall = float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else None
+            records.append(record(name, out, wall))
+    stem = RESULTS / f"train_recipes_{Path(args.model).name}"
+    stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))
+    stem.with_suffix(".md").write_text(render(Path(args.model).name, records, dense, args))
+    plot(records, stem.parent / f"{stem.name}_val_curve.png")
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
