@@ -11,7 +11,7 @@ held-out test text it never saw in any choice: the first 8,192 tokens of the Wik
 Python-docs test split. Runs go to `--runs`; a finished run is not redone. `--jobs 2` runs two recipes at once with
 one thread each (quality only: their tokens/s are then per core, and the two share memory bandwidth).
 
-Results: `benchmarks/results/train_recipes_<model>.md` (+ `.json`, + `_val_curve.png`).
+Results: `benchmarks/results/train_recipes_<model>_c<calib tokens>.md` (+ `.json`, + `_val_curve.png`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # name -> ConvertConfig overrides (a YAML config of `dotmoe convert`); warmup 2 of the 16 steps of a 32k-token run
 RECIPES = {
+    # `dotmoe convert --tokens N` with nothing else: every weight trains (trainable auto), lr 1e-4 (router 1e-4,
+    # affinity 1e-3), warmup an eighth of the steps, cosine decay, best validation state kept
+    "defaults": {},
     # the defaults of `--tokens N` until now: router and assignment train, frozen FFN weights, refit after training
     "router-assignment": {"warmup_steps": 2},
     # every weight trains (distillation from the dense teacher); router and assignment at 30x / 50x lower rates
@@ -44,6 +47,10 @@ RECIPES = {
     # the paper's ablation: full-low-lr with the starting partition frozen
     "full-low-lr-frozen": {"trainable": "full", "lr_weights": 3.0e-5, "lr_router": 1.0e-4, "lr_affinity": 0.0,
                            "warmup_steps": 2},
+    # full-low-lr with the assignment learning fast enough to move neurons (at 1e-3 it moves none in 16 steps: the
+    # one-hot affinity's margin is 1.0 and AdamW moves each entry by about the learning rate per step)
+    "full-learned-assignment": {"trainable": "full", "lr_weights": 3.0e-5, "lr_router": 1.0e-4, "lr_affinity": 0.05,
+                                "warmup_steps": 2},
     # full-low-lr with the router and assignment at the old rates (3e-3 / 0.05)
     "full-high-router-lr": {"trainable": "full", "lr_weights": 3.0e-5, "warmup_steps": 2},
 }
@@ -164,7 +171,7 @@ def main() -> None:
         if (out / "COMPLETE").is_file():
             wall = float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else None
             records.append(record(name, out, wall))
-    stem = RESULTS / f"train_recipes_{Path(args.model).name}"
+    stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}"
     stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))
     stem.with_suffix(".md").write_text(render(Path(args.model).name, records, dense, args))
     plot(records, stem.parent / f"{stem.name}_val_curve.png")

@@ -59,7 +59,8 @@ def _wait_until(proc, ready, what):
 
 def _log_steps(out):
     log = out / "train_log.jsonl"
-    return len(log.read_text().splitlines()) if log.exists() else 0
+    lines = log.read_text().splitlines() if log.exists() else []
+    return sum(1 for line in lines if json.loads(line).get("step") != 0)  # step 0: the evaluation of the start
 
 
 def _same_joint_result(out, full):

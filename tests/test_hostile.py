@@ -204,7 +204,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_resumes
     real_save, calls = torch.save, {"n": 0}
 
     def filling_save(obj, f, *a, **k):
-        calls["n"] += 1
+        calls["n"] += str(f).endswith("checkpoint.pt.tmp")  # not the best validation state's writes
         if calls["n"] == 2:  # the second checkpoint: the disk fills half-way through the write
             open(f, "wb").write(b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

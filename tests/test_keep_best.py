@@ -87,3 +87,34 @@ def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_s
     assert not refits  # no refit before training (the start's), none after (the router trained for these FFNs)
     assert again["val_ppl"] == pytest.approx(free["val_ppl"], rel=1e-5)
 
+
+
+def test_training_defaults_follow_what_trains():
+    """--tokens N trains every weight with its own learning rates and evaluates five times; training-free and the
+    layer-wise mode keep router+assignment (and its rates); explicit values win."""
+    from dotmoe.config import ConvertConfig
+
+    trained = ConvertConfig(tokens=16 * 8 * 256)
+    assert (trained.trainable, trained.lr_router, trained.lr_affinity, trained.eval_every) == ("full", 1e-4, 1e-3, 4)
+    free = ConvertConfig()
+    assert (free.trainable, free.lr_router, free.lr_affinity, free.eval_every) == ("router+assignment", 3e-3, 0.05, 0)
+    layerwise = ConvertConfig(mode="layerwise", tokens=4096)
+    assert layerwise.trainable == "router+assignment" and layerwise.eval_every == 0
+    mine = ConvertConfig(tokens=4096, trainable="router+assignment", lr_router=1e-3, eval_every=0)
+    assert (mine.lr_router, mine.lr_affinity, mine.eval_every) == (1e-3, 0.05, 0)
+
+
+def test_full_training_that_does_not_fit_in_memory_fails_before_it_starts(tiny_llama_dir):
+    from dotmoe.architecture import load_causal_lm
+    from dotmoe.config import ConvertConfig
+    from dotmoe.errors import DotMoeError
+    from dotmoe.train import check_training_memory
+
+    model, _ = load_causal_lm(tiny_llama_dir)
+    params = sum(p.numel() for p in model.parameters())
+    cfg = ConvertConfig(tokens=4096)
+    check_training_memory(cfg, model, available=20 * params)  # 4 + 4 + 12 bytes per parameter: fits exactly
+    with pytest.raises(DotMoeError, match="pass --trainable router\\+assignment"):
+        check_training_memory(cfg, model, available=20 * params - 1)
+    check_training_memory(ConvertConfig(tokens=4096, trainable="router+assignment"), model, available=0)
+    check_training_memory(ConvertConfig(), model, available=0)  # training-free

@@ -43,7 +43,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
-    p.add_argument("--trainable", help="router+assignment | experts | full")
+    p.add_argument("--trainable", help="auto (default: full when training, i.e. with --tokens > 0 in the joint "
+                   "mode) | router+assignment | experts | full")
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data scored for perplexity (default 32768)")
     p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
                    "(default 65536; 16384 with --mode layerwise)")
@@ -65,8 +66,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    "(default off: it undid most of what training gained on SmolLM2)")
     p.add_argument("--refit-stream", type=float, help="refit target: also pull the residual stream back to the "
                    "dense model's, with this weight in [0, 1] (default 0; Llama-shaped layers only)")
-    p.add_argument("--eval-every", type=int, help="evaluate validation perplexity at the start of training and "
-                   "every N steps (0 = end only)")
+    p.add_argument("--eval-every", type=int, help="evaluate validation perplexity (on --val-tokens) at the start "
+                   "of training and every N steps (default: a quarter of the steps; 0 = end only)")
+    p.add_argument("--val-tokens", type=int, help="tokens of --eval-data scored at those evaluations (default 8192)")
     p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval-every: end with the trainable state of the best validation perplexity, the "
                    "start included (default on)")

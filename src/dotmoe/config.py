@@ -14,7 +14,13 @@ from dotmoe.export_formats import FORMATS as EXPORT_FORMATS
 from dotmoe.router import GATING_MODES
 
 METHODS = ("dotmoe", "random", "sequential", "weight-kmeans", "activation", "hidden-kmeans-router", "prune")
-TRAINABLE = ("router+assignment", "experts", "full")
+TRAINABLE = ("auto", "router+assignment", "experts", "full")
+# learning rates by what trains (SmolLM2-135M at 25% active, 32k tokens from one training-free start, validation
+# PPL 119.6 at the start; benchmarks/results/train_recipes_smollm2-135m-instruct_c16384.md): every weight at 1e-4 with
+# router 1e-4 / affinity 1e-3 reached 89.9 after 16k tokens (3e-5: 94.7); router + assignment alone at 3e-3 / 0.05
+# reached 113.7 (their rates before; at those rates the router reshuffles its lstsq routing within a few steps)
+LEARNING_RATES = {"router+assignment": {"lr_router": 3e-3, "lr_affinity": 0.05},
+                  "weights": {"lr_router": 1e-4, "lr_affinity": 1e-3}}
 AFFINITY_INITS = ("coactivation", "weight-kmeans", "random")
 ROUTER_INITS = ("lstsq", "lstsq-topk", "random")
 
@@ -52,11 +58,15 @@ class ConvertConfig:
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
-    trainable: str = "router+assignment"
-    lr_affinity: float = 0.05  # 0 = the starting partition stays frozen (the router and weights still train)
-    lr_router: float = 3e-3
-    lr_weights: float = 1e-5
-    warmup_steps: int = 10
+    # what trains: auto = every weight ("full") in a joint run with training tokens, else router+assignment (the
+    # layer-wise mode, and nothing trains training-free); a run that full training would not fit in memory fails
+    # before it starts and says what to pass instead
+    trainable: str = "auto"
+    # None: by what trains (LEARNING_RATES). lr_affinity 0 = the starting partition stays frozen
+    lr_affinity: float | None = None
+    lr_router: float | None = None
+    lr_weights: float = 1e-4
+    warmup_steps: int | None = None  # None: an eighth of the steps (at least 1); the learning rate then decays (cosine)
     tau_start: float = 1.0
     tau_end: float = 0.1
     sinkhorn_iters: int = 100
@@ -106,8 +116,11 @@ class ConvertConfig:
     # validation perplexity (eval_data) of the MoE at the start of training and every eval_every optimizer steps
     # (0 = only at the end); with keep_best the run ends with the trainable state of its best validation point
     # (the start included), so training never leaves a model worse on validation than the one it started from
-    eval_every: int = 0
+    eval_every: int | None = None  # None: a quarter of the steps when training; 0: only at the end
     keep_best: bool = True
+    # tokens of eval_data scored at the start of training and every eval_every steps (the first of them); the final
+    # perplexity scores eval_tokens
+    val_tokens: int = 8192
     checkpoint_every: int = 50
     max_bad_steps: int = 3  # consecutive non-finite steps (each reverted and skipped) before giving up
     log_every: int = 10
@@ -119,6 +132,7 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        self._resolve_training()
 
         def choose(name: str, options: tuple[str, ...]) -> None:
             if getattr(self, name) not in options:
@@ -176,7 +190,7 @@ class ConvertConfig:
             raise DotMoeError(f"tokens must be >= 0 (0 = training-free), got {self.tokens}")
         if not 0 <= self.refit_stream <= 1:
             raise DotMoeError(f"refit_stream must be in [0, 1], got {self.refit_stream}")
-        for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens",
+        for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens", "val_tokens",
                      "calib_tokens", "eval_tokens", "checkpoint_every", "log_every", "max_bad_steps", "layer_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -186,6 +200,23 @@ class ConvertConfig:
                 self.kl_weight + self.ce_weight == 0:
             raise DotMoeError("loss weights must be >= 0 with kl_weight + ce_weight > 0")
         self._check_ranges()
+
+    def _resolve_training(self) -> None:
+        """trainable auto, the learning rates left None and eval_every None, from the run's own settings."""
+        if self.trainable == "auto":
+            self.trainable = "full" if self.tokens and self.mode == "joint" and self.method != "prune" else \
+                "router+assignment"
+        rates = LEARNING_RATES["weights" if self.trains_weights else "router+assignment"]
+        for name, value in rates.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        sizes_ok = all(isinstance(v, int) and v >= 1 for v in (self.batch_size, self.grad_accum, self.seq_len))
+        steps = self.steps if sizes_ok else 0
+        if self.eval_every is None:  # five evaluations in a joint run: the start, every quarter, the end
+            trains = self.mode == "joint" and self.method != "prune" and steps > 0
+            self.eval_every = max(1, steps // 4) if trains else 0
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, steps // 8) if steps else 0
 
     def _check_ranges(self) -> None:
         """Every number in range, not only of the right type: floats finite, counts >= 0, learning rates,
@@ -201,6 +232,9 @@ class ConvertConfig:
         for name in ("lr_router", "lr_weights", "init_scale"):
             if getattr(self, name) <= 0:
                 raise DotMoeError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("eval_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise DotMoeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_affinity < 0:
             raise DotMoeError(f"lr_affinity must be >= 0 (0 = a frozen partition), got {self.lr_affinity}")
         if self.lr_affinity == 0 and self.method == "dotmoe" and self.init_affinity == "random" and not self.init_from:

@@ -472,6 +472,24 @@ def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
     return Prepared(model, tokenizer, model_path, seqs, eval_ids, [n for n, _ in named_mlps], mlps)
 
 
+def check_training_memory(cfg: ConvertConfig, model: nn.Module, available: int | None = None) -> None:
+    """Before anything long starts: training the model's weights on the CPU fits in the memory available (fp32
+    weights, their gradients and two AdamW moments for what trains, plus the dense teacher's copy), else a one-line
+    error that says what to pass instead. `available` (bytes) defaults to what the OS reports as available."""
+    if not cfg.steps or not cfg.trains_weights or next(model.parameters()).device.type != "cpu":
+        return
+    import psutil
+
+    total = sum(p.numel() for p in model.parameters())
+    trained = total if cfg.trainable == "full" else sum(p.numel() for m in find_gated_mlps(model) for p in m[1].parameters())
+    need = 4 * total + 4 * total + 12 * trained  # weights + teacher copy + (gradients, 2 moments) of what trains
+    available = psutil.virtual_memory().available if available is None else available
+    if need > available:
+        raise DotMoeError(f"training the model's weights (trainable {cfg.trainable}) needs about {need / 2**30:.1f} "
+                          f"GiB of memory, {available / 2**30:.1f} GiB is available: pass --trainable "
+                          "router+assignment (trains only the router and assignment), or --tokens 0 (training-free)")
+
+
 def check_eval_tokens(count: int, files: list[str]) -> None:
     """Enough held-out tokens for a perplexity that means something."""
     if count < MIN_EVAL_TOKENS:
@@ -527,6 +545,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     if progress:  # stdout: stderr holds only warnings and the one-line error of a failed run
         print(f"dotmoe: computing in {precision.reason}", flush=True)
     prep = prepare(cfg, precision.dtype)
+    check_training_memory(cfg, prep.model)
     peaks.mark("load")
     if cfg.method == "prune":
         from dotmoe.prune import prune_convert
@@ -653,7 +672,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         with gathered(raw):
             with torch.no_grad():
                 raw.set_assignment()
-            ppl = round(perplexity(raw.model.eval(), eval_ids, cfg.seq_len, cfg.seq_len // 2), 4)
+            ppl = round(perplexity(raw.model.eval(), eval_ids[: cfg.val_tokens], cfg.seq_len, cfg.seq_len // 2), 4)
         raw.model.train()
         evals.append(ppl)
         if cfg.keep_best and (best is None or ppl < best[0]):
