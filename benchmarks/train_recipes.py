@@ -37,7 +37,7 @@ RECIPES = {
     # affinity 1e-3), warmup an eighth of the steps, cosine decay, best validation state kept
     "defaults": {},
     # the defaults of `--tokens N` until now: router and assignment train, frozen FFN weights, refit after training
-    "router-assignment": {"warmup_steps": 2},
+    "router-assignment": {"trainable": "router+assignment", "refit_after_training": True, "warmup_steps": 2},
     # every weight trains (distillation from the dense teacher); router and assignment at 30x / 50x lower rates
     "full-low-lr": {"trainable": "full", "lr_weights": 3.0e-5, "lr_router": 1.0e-4, "lr_affinity": 1.0e-3,
                     "warmup_steps": 2},
