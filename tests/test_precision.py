@@ -32,7 +32,11 @@ def test_auto_takes_bf16_only_when_the_probe_shows_it_fast(monkeypatch):
 
 
 def test_matmul_probe_measures_a_positive_rate():
-    assert matmul_gflops(torch.float32, CPU, (64, 64, 64), min_seconds=0.005) > 0.1
+    """A finite positive rate; not a speed bound (on 2 loaded cores it measured 0.02 GFLOPS, idle ~100)."""
+    import math
+
+    rate = matmul_gflops(torch.float32, CPU, (64, 64, 64), min_seconds=0.005)
+    assert math.isfinite(rate) and rate > 0, rate
 
 
 def test_bf16_conversion_is_close_to_fp32(tiny_llama_dir, tiny_text, tmp_path):
