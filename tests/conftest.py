@@ -133,3 +133,40 @@ def layer_inputs_seen(monkeypatch) -> list:
 def _own_dense_ppl_cache(tmp_path_factory, monkeypatch):
     """Each test starts with an empty dense-perplexity cache of its own (never the user's), outside its tmp_path."""
     monkeypatch.setenv("DOTMOE_PPL_CACHE", str(tmp_path_factory.mktemp("ppl_cache") / "dense_ppl.json"))
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """`interrupt_training(n)`: the n-th training forward from now raises KeyboardInterrupt (a crash mid-step);
+    `interrupt_training(None)` puts the real forward back."""
+    from dotmoe.train import MoeTrainingModule
+
+    original = MoeTrainingModule.forward
+
+    def arm(n: int | None) -> None:
+        if n is None:
+            monkeypatch.setattr(MoeTrainingModule, "forward", original)
+            return
+        calls = {"n": 0}
+
+        def dying_forward(self, input_ids):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return original(self, input_ids)
+
+        monkeypatch.setattr(MoeTrainingModule, "forward", dying_forward)
+
+    return arm
+
+
+@pytest.fixture
+def refit_calls(monkeypatch) -> list[bool]:
+    """Spy on dotmoe.train.refit_moe_down: the list gets each call's keep_teacher flag, the refit still runs."""
+    import dotmoe.train as train
+
+    calls: list[bool] = []
+    original = train.refit_moe_down
+    monkeypatch.setattr(train, "refit_moe_down",
+                        lambda *a, **kw: calls.append(kw.get("keep_teacher", True)) or original(*a, **kw))
+    return calls

@@ -9,7 +9,7 @@ from dotmoe.artifacts import load_conversion
 from dotmoe.cli import main
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
-from dotmoe.train import MoeTrainingModule, convert
+from dotmoe.train import convert
 
 
 def _cfg(model, data, out, **kw):
@@ -32,22 +32,13 @@ def test_partition_balanced_with_uneven_capacities_and_shared(tiny_llama_dir, ti
     assert loaded.meta["capacities"] == [10, 14, 16, 18, 6]
 
 
-def test_interrupted_run_resumes_exactly(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_exactly(tiny_llama_dir, tiny_text, tmp_path, interrupt_training):
     full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full"), progress=False)
 
-    calls = {"n": 0}
-    original = MoeTrainingModule.forward
-
-    def dying_forward(self, input_ids):
-        calls["n"] += 1
-        if calls["n"] == 7:  # after the checkpoint at step 4, mid-way through step 7
-            raise KeyboardInterrupt
-        return original(self, input_ids)
-
-    monkeypatch.setattr(MoeTrainingModule, "forward", dying_forward)
+    interrupt_training(7)  # after the checkpoint at step 4, mid-way through step 7
     with pytest.raises(KeyboardInterrupt):
         convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(MoeTrainingModule, "forward", original)
+    interrupt_training(None)
     assert (tmp_path / "cut" / "checkpoint.pt").is_file()
     resumed = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "cut", resume=True), progress=False)
 

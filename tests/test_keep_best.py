@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dotmoe.train import MoeTrainingModule, convert
+from dotmoe.train import convert
 from test_convert import _cfg
 
 
@@ -35,28 +35,19 @@ def test_start_is_evaluated_and_a_worse_run_returns_to_its_best(tiny_llama_dir, 
     assert log[0] == {"step": 0, "tokens": 0, "tau": log[0]["tau"], "val_ppl": curve[0]}
 
 
-def test_best_state_survives_a_resume(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
+def test_best_state_survives_a_resume(tiny_llama_dir, tiny_text, tmp_path, interrupt_training):
     full = _run(tiny_llama_dir, tiny_text, tmp_path / "full").summary
-    calls = {"n": 0}
-    original = MoeTrainingModule.forward
-
-    def dying_forward(self, input_ids):
-        calls["n"] += 1
-        if calls["n"] == 5:  # after the checkpoint at step 3, mid-way through step 5
-            raise KeyboardInterrupt
-        return original(self, input_ids)
-
-    monkeypatch.setattr(MoeTrainingModule, "forward", dying_forward)
+    interrupt_training(5)  # after the checkpoint at step 3, mid-way through step 5
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_llama_dir, tiny_text, tmp_path / "cut")
-    monkeypatch.setattr(MoeTrainingModule, "forward", original)
+    interrupt_training(None)
     assert (tmp_path / "cut" / "best_state.pt").is_file()
     resumed = _run(tiny_llama_dir, tiny_text, tmp_path / "cut", resume=True).summary
     assert resumed["eval_curve"] == full["eval_curve"] and resumed["best_step"] == full["best_step"]
     assert resumed["val_ppl"] == full["val_ppl"]
 
 
-def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_start(tmp_path, monkeypatch):
+def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_start(tmp_path, refit_calls):
     """Frozen FFN weights (bundled reference model): a router learning rate far too high makes validation worse
     at every evaluation, so the run returns to its start, which is exactly the training-free conversion."""
     from dotmoe.config import ConvertConfig
@@ -64,11 +55,6 @@ def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_s
 
     common = dict(experts=8, top_k=2, calib_tokens=512, eval_tokens=512, seq_len=64, batch_size=4, seed=0,
                   eval_data=[str(reference_data_file("validation"))], export_format="none")
-    import dotmoe.train as train
-
-    refits = []
-    original = train.refit_moe_down
-    monkeypatch.setattr(train, "refit_moe_down", lambda *a, **kw: refits.append(1) or original(*a, **kw))
     free = convert(ConvertConfig(**common, tokens=0, out=str(tmp_path / "free")), progress=False).summary
     hurt = convert(ConvertConfig(**common, tokens=2 * 4 * 64, eval_every=1, warmup_steps=0, lr_router=1.0,
                                  lr_affinity=5.0, out=str(tmp_path / "hurt")), progress=False).summary
@@ -76,15 +62,15 @@ def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_s
     assert hurt["best_step"] == 0
     assert hurt["eval_curve"][0] == pytest.approx(free["val_ppl"], rel=1e-5)  # the start is the training-free model
     assert hurt["val_ppl"] == pytest.approx(free["val_ppl"], rel=1e-5)
-    assert len(refits) == 2  # training-free: one; trained: the refit before training, none after by default
+    assert len(refit_calls) == 2  # training-free: one; trained: the refit before training, none after by default
     # the same from --init-from the training-free conversion: its refitted down projections are the start (no refit
     # of its own before training), so the start is again exactly the training-free model
-    refits.clear()
+    refit_calls.clear()
     again = convert(ConvertConfig(**common, tokens=2 * 4 * 64, eval_every=1, warmup_steps=0, lr_router=1.0,
                                   lr_affinity=5.0, init_from=str(tmp_path / "free"), out=str(tmp_path / "again")),
                     progress=False).summary
     assert again["eval_curve"][0] == pytest.approx(free["val_ppl"], rel=1e-5)
-    assert not refits  # no refit before training (the start's), none after (the router trained for these FFNs)
+    assert not refit_calls  # no refit before training (the start's), none after (the router trained for these FFNs)
     assert again["val_ppl"] == pytest.approx(free["val_ppl"], rel=1e-5)
 
 

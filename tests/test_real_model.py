@@ -51,6 +51,7 @@ def test_training_free_dotmoe_beats_pruning_on_smollm2(smollm2, tmp_path, top_k)
     assert moe["ppl_ratio"] < pruned["ppl_ratio"], (moe["ppl_ratio"], pruned["ppl_ratio"])
 
 
+@pytest.mark.skipif(os.environ.get("DOTMOE_SLOW") != "1", reason="about 12 minutes on 2 cores; DOTMOE_SLOW=1 runs it")
 def test_short_distillation_beats_its_training_free_start_on_smollm2(smollm2, tmp_path):
     """Training pays on a real checkpoint: from a training-free conversion (--init-from: its partition, routers and
     refitted down projections), two steps of 8 x 256 tokens of distillation with every weight training (the

@@ -324,16 +324,13 @@ def test_lstsq_topk_router_is_fitted_even_when_the_partition_needs_no_activation
         assert not torch.allclose(got[fitted][0], got["random"][0])
 
 
-def test_refit_after_training_is_an_option(tmp_path, monkeypatch):
+def test_refit_after_training_is_an_option(tmp_path, refit_calls):
     """Frozen FFN weights, refit before training: no second refit after it unless refit_after_training."""
     import dotmoe.train as train
     from dotmoe.paths import reference_data_file
 
-    calls = []
-    original = train.refit_moe_down
-    monkeypatch.setattr(train, "refit_moe_down", lambda *a, **kw: calls.append(kw.get("keep_teacher", True)) or
-                        original(*a, **kw))
-    common = dict(experts=8, top_k=2, tokens=3 * 256, warmup_steps=0, batch_size=2, seq_len=128, calib_tokens=512,
+    calls = refit_calls
+    common = dict(trainable="router+assignment", experts=8, top_k=2, tokens=3 * 256, warmup_steps=0, batch_size=2, seq_len=128, calib_tokens=512,
                   eval_tokens=512,
                   eval_data=[str(reference_data_file("validation"))], export_format="none")
     once = train.convert(ConvertConfig(**common, out=str(tmp_path / "once")), progress=False).summary
