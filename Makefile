@@ -15,7 +15,7 @@ $(BIN)/dotmoe: pyproject.toml
 install: $(BIN)/dotmoe
 
 demo: install
-	$(BIN)/dotmoe demo
+	$(BIN)/dotmoe demo --overwrite  # a rerun replaces the earlier demo results (only those)
 
 test: install
 	$(BIN)/python -m pytest

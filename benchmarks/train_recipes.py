@@ -44,6 +44,8 @@ RECIPES = {
     # the same, weights at 1e-4
     "full-lr1e-4": {"trainable": "full", "lr_weights": 1.0e-4, "lr_router": 1.0e-4, "lr_affinity": 1.0e-3,
                     "warmup_steps": 2},
+    # the defaults with the weights at 3x the default rate (the 32k-token curve at 1e-4 was still falling)
+    "lr3e-4": {"lr_weights": 3.0e-4},
     # the paper's ablation: full-low-lr with the starting partition frozen
     "full-low-lr-frozen": {"trainable": "full", "lr_weights": 3.0e-5, "lr_router": 1.0e-4, "lr_affinity": 0.0,
                            "warmup_steps": 2},
@@ -159,7 +161,7 @@ def main() -> None:
         extra = ["--init-from", str(start), "--config", str(cfg), "--eval-every", str(args.eval_every), "--overwrite"]
         wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, extra),
                    runs / f"{name}.log", max(1, 2 // args.jobs))
-        (out / "wall_s.txt").write_text(str(wall))
+        (runs / f"{name}.wall_s").write_text(str(wall))  # beside the run: its directory holds only dotmoe's files
 
     if not args.report:
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -169,7 +171,8 @@ def main() -> None:
     for name in RECIPES:
         out = runs / name
         if (out / "COMPLETE").is_file():
-            wall = float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else None
+            walls = [p for p in (runs / f"{name}.wall_s", out / "wall_s.txt") if p.is_file()]
+            wall = float(walls[0].read_text()) if walls else None
             records.append(record(name, out, wall))
     stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}"
     stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))

@@ -170,8 +170,9 @@ def test_bad_input_writes_nothing(tmp_path):
         export(conv, tmp_path / "out3", fmt="qwen3_moe", progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
-    with pytest.raises(DotMoeError, match="not empty"):
-        export(conv, tmp_path / "busy", progress=False)
+    for overwrite in (False, True):  # a directory with files dotmoe did not write: never replaced
+        with pytest.raises(DotMoeError, match=r"holds files that dotmoe did not write \(x\)"):
+            export(conv, tmp_path / "busy", progress=False, overwrite=overwrite)
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
     assert not list(tmp_path.glob(".*tmp*"))

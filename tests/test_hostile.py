@@ -157,14 +157,14 @@ def test_convert_never_replaces_a_finished_result_or_an_interrupted_run(work, re
         assert tree(out) == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    assert "is not empty and is not a dotmoe conversion" in cli_error(argv + ["--out", str(tmp_path / "mine")], capsys)
+    assert "holds files that dotmoe did not write (notes.txt)" in cli_error(argv + ["--out", str(tmp_path / "mine")],
+                                                                              capsys)
     assert "pass only one" in cli_error(argv + ["--out", str(tmp_path / "new"), "--resume", "--overwrite"], capsys)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "new").exists()
 
     out = tmp_path / finished.name  # --overwrite replaces it: a new, complete result
-    (out / "stale.txt").write_text("from before")
     assert main(argv + ["--out", str(out), "--overwrite", "--seed", "6"]) == 0
-    assert not (out / "stale.txt").exists() and (out / "COMPLETE").is_file()
+    assert (out / "COMPLETE").is_file() and not (out / ".dotmoe-previous").exists()
     assert load_conversion(out).meta["config"]["seed"] == 6
 
 

@@ -11,6 +11,11 @@ from torch import nn
 from dotmoe.errors import DotMoeError
 
 
+# config.json keys that only a Mixture-of-Experts model has (Qwen2/3-MoE, Mixtral, DeepSeek, OLMoE, ...)
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
+                   "moe_intermediate_size")
+
+
 def is_gated_mlp(module: nn.Module) -> bool:
     """True for a LLaMA-style gated MLP: down(act(gate(x)) * up(x))."""
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
@@ -36,19 +41,34 @@ def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def check_model_dir(path: str | Path) -> Path:
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def check_model_dir(path: str | Path, require_dense: bool = False) -> Path:
     """A local HF model directory with a valid config.json and safetensors weights, or a one-line error.
 
     A `.gguf` file stands for its dequantized, cached HF directory (`dotmoe.gguf_input`), which is returned.
+    `require_dense`: refuse a model that is already a Mixture-of-Experts (what `convert` takes).
     """
     from dotmoe.gguf_input import resolve_model
 
     path = resolve_model(path)
+    if path.is_file():
+        gguf = _head(path, 4) == b"GGUF"
+        raise DotMoeError(f"--model {path} is a file, not a model directory" + (
+            "; it is a GGUF file: name it *.gguf" if gguf else " (pass an HF model directory or a .gguf file)"))
     if not path.is_dir():
-        raise DotMoeError(f"model directory not found: {path}")
+        raise DotMoeError(f"model directory not found: {path}" if not path.exists() else
+                          f"--model {path} is not a directory")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise DotMoeError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise DotMoeError(f"{config_file} is not a regular file" if config_file.exists() else
+                          f"{path} is not a Hugging Face model directory (no config.json)")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -58,13 +78,41 @@ def check_model_dir(path: str | Path) -> Path:
     if config.get("model_type") == "gemma3" and "text_config" in config:
         raise DotMoeError(f"{path} is a multimodal Gemma3ForConditionalGeneration; dotmoe converts its text model: "
                           "save it as a Gemma3ForCausalLM directory (model_type gemma3_text) and pass that")
+    model_type = str(config.get("model_type", ""))
+    moe_keys = [k for k in MOE_CONFIG_KEYS if config.get(k)]
+    if require_dense and (moe_keys or "dotmoe" in config or "moe" in model_type or model_type in ("mixtral", "dbrx", "deepseek_v3")):
+        why = f"{moe_keys[0]} = {config[moe_keys[0]]}" if moe_keys else f"model_type {model_type!r}"
+        raise DotMoeError(f"{path} is already a Mixture-of-Experts model ({why}); dotmoe converts dense models")
     from dotmoe.guards import model_weight_files
 
     model_weight_files(path)  # its own weight files (never a stray *.safetensors beside them) exist and are readable
     return path
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def check_loaded_weights(path: Path, missing, unexpected, mismatched=()) -> None:
+    """The checkpoint's tensors are exactly the model's: a missing, unexpected or wrong-shaped tensor (a damaged
+    directory, or a config.json of another architecture or size than the weights) would be re-initialised or
+    dropped and the conversion would run on a different model than the one asked for."""
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]  # a buffer old checkpoints kept
+    for label, keys in (("missing from", missing), ("of the wrong shape in", mismatched),
+                        ("in the checkpoint but not in the model of config.json, in", unexpected)):
+        keys = sorted(keys)
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise DotMoeError(f"{len(keys)} weight tensor(s) {label} {path}: {', '.join(keys[:3])}{more}; the "
+                              "weights and config.json do not describe the same model")
+
+
+def check_checkpoint_names(path: Path, model: nn.Module, names) -> None:
+    """`check_loaded_weights` for a model built from its config (the layer-wise mode streams the weights)."""
+    expected = {n for n, _ in model.named_parameters()}  # tied weights once (the embedding)
+    names = set(names)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    check_loaded_weights(path, expected - names, names - expected - tied)
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   require_dense: bool = False):
     """Load model + tokenizer from a local HF directory (or a `.gguf` file) with one-line errors for bad input.
 
     Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
@@ -72,18 +120,27 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = check_model_dir(path)
+    from transformers.utils import logging as hf_logging
+
+    path = check_model_dir(path, require_dense)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by check_loaded_weights' one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                           trust_remote_code=trust_remote_code,
+                                                           ignore_mismatched_sizes=True, output_loading_info=True)
     except ValueError as exc:
         raise DotMoeError(f"cannot load {path} as a causal LM: {str(exc).splitlines()[0]}") from exc
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise DotMoeError(f"cannot read model weights in {path}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loaded_weights(path, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                         [k[0] for k in info.get("mismatched_keys", ())])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # tokenizers raise many exception types
-        raise DotMoeError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+        raise DotMoeError(f"cannot load the tokenizer in {path}: {' '.join(str(exc).split())[:400]}") from exc
     if len(tokenizer) > model.config.vocab_size:
         raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                           f"{model.config.vocab_size}")

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dotmoe.errors import DotMoeError
+from dotmoe.errors import DotMoeError, environment_error
 from dotmoe.guards import CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT
+from dotmoe.run_dir import META_FILE, drop_previous, file_sha256
 
 ASSIGNMENT_FILE = "assignment.safetensors"
-META_FILE = "dotmoe_meta.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # only when the dense weights were trained too
 
 
@@ -27,8 +27,10 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise DotMoeError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        why = environment_error(exc) if isinstance(exc, Exception) else None  # safetensors wraps it
+        if isinstance(exc, OSError) or why:
+            raise DotMoeError(f"cannot write {path}: "
+                              f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else why or exc}") from exc
         raise
 
 
@@ -41,14 +43,46 @@ def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tens
     write_meta(out, summary)
 
 
+def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of each weight file of the dense model (file name -> hex digest): a conversion holds only the
+    partition, routers and refitted tensors, so merging it with other weights than it was made from is wrong."""
+    from dotmoe.guards import model_weight_files
+
+    found = {}
+    for f in model_weight_files(Path(model_dir)):
+        found[f.name] = file_sha256(f)
+    return found
+
+
+def check_base_fingerprint(meta: dict, meta_file: Path) -> None:
+    """The dense model's weights are still those the conversion was made from (records with a fingerprint)."""
+    saved = meta.get("base_fingerprint")
+    if not isinstance(saved, dict):
+        return  # written before fingerprints existed
+    try:
+        now = base_fingerprint(meta["base_model"])
+    except DotMoeError:
+        return  # a missing or unreadable base model is reported by whoever needs its weights
+    changed = sorted(set(saved) ^ set(now) | {f for f in saved if f in now and saved[f] != now[f]})
+    if changed:
+        raise DotMoeError(f"{meta_file}: the weights of its dense model {meta['base_model']} changed since the "
+                          f"conversion ({', '.join(changed[:3])}); convert that model again")
+
+
 def write_meta(out: Path, summary: dict) -> None:
-    """Write (or rewrite) dotmoe_meta.json atomically."""
+    """Write (or rewrite) dotmoe_meta.json atomically, with the dense model's fingerprint (`base_fingerprint`)."""
+    if "base_fingerprint" not in summary and summary.get("base_model"):
+        summary["base_fingerprint"] = base_fingerprint(summary["base_model"])
+    trained = out / TRAINED_WEIGHTS_FILE  # written before the record: a later reader knows it must be there
+    if trained.is_file():
+        summary["trained_weights_sha256"] = file_sha256(trained)
     _atomic_write(out / META_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
 
 
 def mark_complete(out: Path) -> None:
     """The last write of a conversion: only a directory with this marker is a finished result."""
     _atomic_write(out / COMPLETE, lambda tmp: tmp.write_text("dotmoe conversion finished\n"))
+    drop_previous(out)  # an --overwrite run: only now does the result it replaces go
 
 
 def save_trained_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
@@ -211,7 +245,23 @@ def load_conversion(path: str | Path, require_complete: bool = True) -> Conversi
         if not bool(torch.isfinite(r).all()):
             raise bad(f"router.{i} holds non-finite values (NaN/inf): the trained weights are broken")
     _check_base_model(meta, routers[0].shape[1], meta_file=path / META_FILE)
+    check_base_fingerprint(meta, path / META_FILE)
+    _check_trained_weights(path, meta.get("trained_weights_sha256"))
     return Conversion(partition, [r.float() for r in routers], meta)
+
+
+def _check_trained_weights(path: Path, digest) -> None:
+    """The trained (e.g. refitted) weights a conversion recorded are there, unchanged: without them an export
+    would silently merge the dense model's own FFNs with a partition and routers made for others."""
+    if not isinstance(digest, str):
+        return  # none were written (or a record from before this check)
+    file = path / TRAINED_WEIGHTS_FILE
+    if not file.is_file():
+        raise DotMoeError(f"corrupt convert output: {file} is missing (the conversion wrote its trained weights "
+                          "there); convert again")
+    if file_sha256(file) != digest:
+        raise DotMoeError(f"corrupt convert output: {file} is not the file this conversion wrote (its sha256 "
+                          "differs); convert again")
 
 
 def _check_base_model(meta: dict, hidden: int, meta_file: Path) -> None:

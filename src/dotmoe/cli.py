@@ -76,7 +76,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (default 50)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace what --out holds (a finished conversion, or an interrupted run's checkpoint)")
+                   help="replace what --out holds (a finished conversion, or an interrupted run's checkpoint); "
+                   "only what dotmoe wrote: a directory that holds anything else is refused. The previous result "
+                   "is deleted only once the new one is complete")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--export-format", help="auto | mixtral | qwen3_moe | qwen2_moe | dotmoe | none "
                    "(MoE checkpoint written to OUT/model; default auto)")
@@ -97,6 +99,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from dotmoe.train import convert
 
     cfg = build_convert_config(args)
+    if args.config:
+        from dotmoe.guards import check_separate
+
+        check_separate(cfg.out, {"--config file": [args.config]})
     try:
         result = convert(cfg)
     except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: say how to go on
@@ -211,8 +217,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from dotmoe.config import ConvertConfig
     from dotmoe.train import convert
 
-    base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every, overwrite=True)  # the demo's own outputs
-    out_dirs = [convert(replace(base, method=m, out=str(Path(args.out) / m))).out_dir for m in ("dotmoe", "random")]
+    from dotmoe.guards import check_convert_output
+
+    base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every, overwrite=args.overwrite)
+    runs = [replace(base, method=m, out=str(Path(args.out) / m)) for m in ("dotmoe", "random")]
+    for cfg in runs:  # both outputs before the first run: never refused after minutes of work
+        check_convert_output(cfg)
+    out_dirs = [convert(cfg).out_dir for cfg in runs]
     header = (f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}` on {platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     text = demo_report(out_dirs, header)
@@ -248,10 +259,11 @@ def demo_report(out_dirs: list[Path], header: str) -> str:
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
     from dotmoe.architecture import load_causal_lm
-    from dotmoe.guards import check_file_destination
+    from dotmoe.guards import check_file_destination, check_separate
     from dotmoe.self_data import sample_texts, write_texts
 
     check_file_destination(args.out, "--out")
+    check_separate(args.out, {"model": [args.model]})
     if Path(args.out).exists() and not args.overwrite:
         raise DotMoeError(f"--out {args.out} exists; pass --overwrite to replace it")
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
@@ -283,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-tokens", type=int, default=256,
                    help="compare reloaded logits with the training-time model on N validation tokens (0 = skip)")
     p.add_argument("--max-shard-gb", type=float, default=2.0)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier dotmoe export in --out (a "
+                   "directory that holds anything else is refused)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="perplexity, FFN reconstruction error, router stats and lm-eval tasks")
     p.add_argument("--model", required=True, help="HF model directory (exported MoE, pruned or dense)")
@@ -318,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=int, help="calibration tokens for the initial partition and router "
                    "(default 65536; 16384 with --mode layerwise)")
     p.add_argument("--eval-every", type=int, default=20, help="validation PPL every N steps")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out "
+                   "(only what dotmoe wrote: a directory holding anything else is refused)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("sample-data", help="data-free: write text sampled from the dense model (for --data)")
     p.add_argument("--model", required=True, help="dense HF model directory or .gguf file")
@@ -365,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # not a known user error: still one line, unless the traceback is asked for
         if os.environ.get("DOTMOE_TRACEBACK"):
             raise
+        from dotmoe.errors import environment_error
+
+        why = environment_error(exc)
+        if why:  # a full disk or a read-only directory reached through a library (torch.save, safetensors, ...)
+            print(f"dotmoe: error: {why}", file=sys.stderr)
+            return 2
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"dotmoe: internal error: {type(exc).__name__}: {first} (a bug or an unchecked input; "
               "DOTMOE_TRACEBACK=1 shows the traceback)", file=sys.stderr)

@@ -346,10 +346,16 @@ class ConvertConfig:
     def fit_shared_to_export(self, dense_config: dict) -> str:
         """When the shared expert comes from the default `shared_fraction` but the model's MoE format has no shared
         expert (Qwen3-MoE; Mistral's sliding window in Qwen2-MoE), fall back to a plain MoE (shared_fraction 0) and
-        return a one-line warning ('' when nothing changed). An explicit --shared is left to fail at export."""
+        return a one-line warning ('' when nothing changed). An explicit --shared the format cannot hold fails
+        here, before any work."""
         from dotmoe.export_formats import plan_export
 
-        if self.shared is not None or self.shared_fraction == 0 or self.export_format == "none":
+        if self.export_format == "none":
+            return ""
+        if self.shared:
+            plan_export(dense_config, self.export_format, self.shared, self.gating, self.top_k)
+            return ""
+        if self.shared is not None or self.shared_fraction == 0:
             return ""
         try:
             plan_export(dense_config, self.export_format, 1, self.gating, self.top_k)
@@ -368,7 +374,8 @@ class ConvertConfig:
                 else self.shared_fraction
             per_expert = int(budget * (1 - fraction) / self.top_k)
             self.shared = int(round(budget)) - self.top_k * per_expert if fraction else 0
-            self.drop = num_neurons - self.shared - self.experts * per_expert if self.drop is None else self.drop
+            if self.drop is None:  # without a shared expert the remainder is routed (dropped neurons need one)
+                self.drop = num_neurons - self.shared - self.experts * per_expert if self.shared else 0
         if self.drop is None:
             self.drop = 0
 
@@ -379,6 +386,9 @@ class ConvertConfig:
         if self.shared + self.drop >= num_neurons:
             raise DotMoeError(f"--shared {self.shared} + --drop {self.drop} must be smaller than the intermediate "
                               f"size {num_neurons}")
+        if self.drop and not self.shared:
+            raise DotMoeError(f"--drop {self.drop} needs a shared expert (--shared > 0): dropped neurons are the OT "
+                              "column after it")
         routed = num_neurons - self.shared - self.drop
         if self.capacities is not None and sum(self.capacities) != routed:
             raise DotMoeError(f"capacities sum to {sum(self.capacities)}, but the routed neurons number {routed}"
@@ -400,7 +410,9 @@ def load_yaml_config(path: str | Path) -> dict:
     """Read a YAML config mapping; unknown keys are rejected with the closest valid key suggested."""
     path = Path(path)
     if not path.is_file():
-        raise DotMoeError(f"config file not found: {path}")
+        raise DotMoeError(f"config file not found: {path}" if not path.exists() else
+                          f"--config {path} is {'a directory' if path.is_dir() else 'not a regular file'}; give a "
+                          "YAML file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero."""
 
+import errno
+import os
 import signal
 
 
@@ -17,3 +19,26 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+# what libraries say when the environment refuses a write (they wrap the OSError in their own exception types)
+_ENVIRONMENT = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.ELOOP:
+                "too many levels of symbolic links"}
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """The one-line reason when `exc` (or what caused it) is the environment refusing a read or write."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT:
+            return _ENVIRONMENT[exc.errno] + (f": {exc.filename}" if exc.filename else "")
+        text = str(exc)
+        for code, why in _ENVIRONMENT.items():
+            if os.strerror(code) in text or why in text.lower():
+                return f"{why} ({type(exc).__name__}: {text.splitlines()[0][:200]})"
+        if isinstance(exc, RuntimeError) and text.startswith("Symlink loop"):
+            return f"too many levels of symbolic links ({text})"
+        exc = exc.__cause__ or exc.__context__
+    return None

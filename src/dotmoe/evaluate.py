@@ -166,23 +166,62 @@ def bundled_task_configs() -> dict[str, dict]:
     return configs
 
 
+def task_dir_names(task_dir: str) -> dict[str, Path]:
+    """Task name -> YAML file of every task YAML in `task_dir`; a one-line error for a missing directory or a
+    YAML that does not parse (lm-eval would only report the task as unknown)."""
+    import yaml
+
+    class _AnyTag(yaml.SafeLoader):  # lm-eval YAMLs use tags such as !function; their values do not matter here
+        pass
+
+    _AnyTag.add_multi_constructor("", lambda loader, suffix, node: None)
+    root = Path(task_dir)
+    if not root.is_dir():
+        raise DotMoeError(f"--task-dir {task_dir} " + ("is not a directory" if root.exists() else "does not exist"))
+    names = {}
+    for f in sorted(list(root.rglob("*.yaml")) + list(root.rglob("*.yml"))):
+        try:
+            doc = yaml.load(f.read_text(), Loader=_AnyTag)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise DotMoeError(f"task YAML {f} is malformed: {' '.join(str(exc).split())[:200]}") from exc
+        if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+            names[doc["task"]] = f
+    return names
+
+
+def resolve_tasks(tasks: list[str], task_dir: str = ""):
+    """(lm-eval task specs, TaskManager) for `tasks`: bundled tasks by name, others from `task_dir`; one-line
+    errors for a missing or malformed --task-dir, a name both bundled and in --task-dir, an unknown task."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise DotMoeError("lm-eval is not installed: pip install 'dotmoe[eval]'") from exc
+    bundled = bundled_task_configs()
+    mine = task_dir_names(task_dir) if task_dir else {}
+    clash = sorted(set(mine) & set(bundled) & set(tasks))
+    if clash:
+        raise DotMoeError(f"task {clash[0]!r} is both a bundled task and defined in --task-dir {task_dir} "
+                          f"({mine[clash[0]].name}); rename the task in your YAML")
+    specs = [bundled.get(t, t) for t in tasks]
+    # lm-eval's own task index is not loaded: its tasks download from the hub; local copies go in task_dir
+    manager = TaskManager(include_path=task_dir or None, include_defaults=False)
+    unknown = [t for t in specs if isinstance(t, str) and t not in manager.all_tasks]
+    if unknown:
+        where = (f"--task-dir {task_dir} defines {sorted(mine) or 'no task'}" if task_dir else
+                 "put other task YAMLs (with local data_files) in a directory and pass --task-dir")
+        raise DotMoeError(f"unknown task(s) {unknown}: bundled tasks are {sorted(bundled)}; {where}")
+    return specs, manager
+
+
 def run_tasks(model: nn.Module, tokenizer, tasks: list[str], task_dir: str = "", limit: int | None = None,
               batch_size: int = 8) -> dict[str, dict[str, float]]:
     """Zero-shot lm-eval tasks in process; bundled tasks by name, others from YAMLs in `task_dir`."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise DotMoeError("lm-eval is not installed: pip install 'dotmoe[eval]'") from exc
-    bundled = bundled_task_configs()
-    specs = [bundled.get(t, t) for t in tasks]
-    # lm-eval's own task index is not loaded: its tasks download from the hub; local copies go in task_dir
-    manager = TaskManager(include_path=task_dir or None, include_defaults=False)
-    unknown = [t for t in specs if isinstance(t, str) and t not in manager.all_tasks]
-    if unknown:
-        raise DotMoeError(f"unknown task(s) {unknown}: bundled tasks are {sorted(bundled)}; put other task YAMLs "
-                          "(with local data_files) in a directory and pass --task-dir")
+    specs, manager = resolve_tasks(tasks, task_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=False,
                               bootstrap_iters=0)["results"]
@@ -200,10 +239,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             check_model_of_conversion(Path(path))
     if cfg.out:  # checked before the (long) evaluation, so a bad --out fails at once and writes nothing
         check_report_destination(cfg.out, plot_paths(cfg.out))
+    if cfg.tasks or cfg.task_dir:  # so are the tasks
+        resolve_tasks(cfg.tasks, cfg.task_dir)
     model, tok = _load(cfg.model, cfg.trust_remote_code)
     base = cfg.dense or getattr(model.config, "dotmoe", {}).get("base_model") or cfg.model
     texts = load_texts(cfg.data or [str(default_data_file("test", base))])
-    ids = tokenize_stream(tok, texts)[: cfg.tokens]
+    ids = tokenize_stream(tok, texts, max_tokens=cfg.tokens)
     if len(ids) < MIN_EVAL_TOKENS:
         raise DotMoeError(f"evaluation data {', '.join(cfg.data) or 'the bundled test text'} has {len(ids)} tokens; "
                           f"at least {MIN_EVAL_TOKENS} are needed")

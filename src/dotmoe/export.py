@@ -26,10 +26,8 @@ from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_c
 from dotmoe.errors import DotMoeError
 from dotmoe.export_formats import ExportPlan, moe_config, moe_keys, plan_export, router_key
 from dotmoe.guards import check_export_destination
+from dotmoe.run_dir import REMOTE_CODE, TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-REMOTE_CODE = ("configuration_dotmoe.py", "modeling_dotmoe.py")
 SHARED_EXPERT_BASES = ("qwen2_moe", "gemma3_moe")  # MoE blocks with a (possibly size-0) sigmoid-gated shared expert
 _BASE_CLASS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,12 +56,22 @@ class TensorSource:
 
         files = model_weight_files(model_dir)  # the model's own files only, never a stray copy beside them
         self.where: dict[str, Path] = {}
+        shapes: dict[str, list[int]] = {}
         for f in files + ([trained] if trained else []):
             try:
                 with safe_open(str(f), framework="pt") as fh:
                     names = list(fh.keys())
+                    mine = {k: fh.get_slice(k).get_shape() for k in names}
             except Exception as exc:  # truncated or foreign file
                 raise DotMoeError(f"cannot read the weights in {f}: {str(exc).splitlines()[0]}") from exc
+            if f == trained:  # a trained tensor replaces the dense one: same name, same shape
+                wrong = [k for k in names if k not in shapes or shapes[k] != mine[k]]
+                if wrong:
+                    k = wrong[0]
+                    raise DotMoeError(f"corrupt convert output: {f}: tensor {k!r} "
+                                      + (f"has shape {mine[k]}, the dense model's {shapes[k]}" if k in shapes
+                                         else "is not a weight of the dense model"))
+            shapes.update(mine)
             twice = [k for k in names if k in self.where] if f != trained else []  # trained weights override
             if twice:
                 raise DotMoeError(f"tensor {twice[0]!r} is in both {self.where[twice[0]]} and {f}")
@@ -264,6 +272,7 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
         parity = check_export(convert_dir, tmp, plan, check_tokens, require_complete) if check_tokens else {}
         if parity:
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
+            check_parity(parity, plan)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -291,8 +300,25 @@ def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: i
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=plan.custom)
     exported.eval()
     base = json.loads((convert_dir / META_FILE).read_text())["base_model"]
-    ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", base))]))[:tokens].unsqueeze(0)
+    ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", base))]), tokens).unsqueeze(0)
     a = reference(input_ids=ids).logits
     b = exported(input_ids=ids).logits
     return {"tokens": ids.shape[1], "max_abs_logit_diff": float((a - b).abs().max()),
+            "max_abs_logit": float(a.abs().max()),
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "exact_format": plan.exact}
+
+
+# An exact format reproduces the training-time sparse model up to float rounding: measured <= 7e-5 on logits of
+# magnitude ~20 (SmolLM2, bf16 weights) and <= 1e-5 on the bundled model, i.e. < 1e-5 of the largest logit.
+PARITY_TOLERANCE = 1e-3  # of the largest reference logit (at least 1)
+
+
+def check_parity(parity: dict, plan: ExportPlan) -> None:
+    """An exact export whose reloaded logits differ from the training-time model beyond `PARITY_TOLERANCE` is
+    broken (damaged or changed inputs, a wrong weight layout): fail, naming the numbers."""
+    bound = PARITY_TOLERANCE * max(1.0, parity["max_abs_logit"])
+    if plan.exact and parity["max_abs_logit_diff"] > bound:
+        raise DotMoeError(f"export check failed: the reloaded {plan.base} checkpoint's logits differ from the "
+                          f"converted model's by up to {parity['max_abs_logit_diff']:.3g} (allowed {bound:.3g}), "
+                          f"top-1 agreement {parity['top1_agreement']:.4f} on {parity['tokens']} tokens; nothing "
+                          "was written")

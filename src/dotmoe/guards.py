@@ -24,14 +24,10 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 MIN_EVAL_TOKENS = 128  # perplexity on fewer tokens than this is noise, not a measurement
 
-# files of a `dotmoe convert` output directory (artifacts.py / train.py / layerwise.py own their contents)
-COMPLETE = "COMPLETE"  # written last: its presence is what makes a conversion directory a finished result
-CHECKPOINT = "checkpoint.pt"
-LAYERWISE_CHECKPOINT = "layerwise_checkpoint.pt"
-BEST_STATE = "best_state.pt"  # the trainable state at the best validation perplexity so far (joint training)
-LAYERWISE_DIR = "layerwise"
-_RUN_FILES = ("dotmoe_meta.json", "assignment.safetensors", "trained_weights.safetensors", "train_log.jsonl", "model",
-              BEST_STATE)
+from dotmoe.run_dir import (BEST_STATE, CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR,  # noqa: F401
+                            RUN_FILES, foreign_entries, foreign_export_entries, is_leftover, is_temporary,
+                            file_sha256, refuse_foreign, set_aside)
+
 # settings that change where or how a run is written, never its result: a resume may change them
 RUN_ONLY_SETTINGS = ("out", "resume", "overwrite", "checkpoint_every", "export_format", "log_every")
 
@@ -94,8 +90,15 @@ def check_seq_len(length: int, config, what: str) -> None:
 
 # -------------------------------------------------------------------------------------------- output paths
 
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError on a symlink loop
+        raise DotMoeError(f"{path} cannot be resolved: {exc}") from exc
+
+
 def _relation(out: Path, other: Path) -> str | None:
-    a, b = out.resolve(), other.resolve()
+    a, b = _resolve(out), _resolve(other)
     if a == b:
         return "is"
     if b in a.parents:
@@ -124,11 +127,20 @@ def _check_ancestors(path: Path, flag: str) -> None:
 
 
 def check_file_destination(path: str | Path, flag: str) -> None:
-    """A file can be created at `path`: it is not a directory, and no existing ancestor is a regular file."""
+    """A file can be created at `path`: it is not a directory, no existing ancestor is a regular file, and the
+    directory it goes into (or its nearest existing ancestor) takes a file (a probe written and removed), so a
+    read-only destination is found before the work, not after it."""
     path = Path(path)
     if path.is_dir():
         raise DotMoeError(f"{flag} {path} is a directory; give a file name")
     _check_ancestors(path, flag)
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    probe = parent / f".dotmoe-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DotMoeError(f"cannot write {flag} {path}: {exc.strerror or exc} in {parent}") from exc
 
 
 def check_report_destination(out: str | Path, companions: Iterable[Path] = ()) -> None:
@@ -175,18 +187,10 @@ def check_export_destination(convert_dir: Path, out: Path, base_model: Path, ove
     if out.resolve() != (convert_dir / "model").resolve():
         check_separate(out, {"conversion": [convert_dir]})
     check_separate(out, {"dense model": [base_model]})
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DotMoeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-
-
-def _is_temporary(entry: Path) -> bool:
-    """A temporary file or directory a killed run may leave behind (never part of a result)."""
-    return entry.name.startswith((".dotmoe-write-test-", ".model.tmp-", ".model.old-")) or entry.name.endswith(".tmp")
-
-
-def _is_leftover(entry: Path) -> bool:
-    """Temporary files, and empty directories (e.g. made by a run stopped before it wrote anything)."""
-    return _is_temporary(entry) or entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir())
+    if out.exists() and any(not is_leftover(e) for e in out.iterdir()):
+        refuse_foreign(out, foreign_export_entries(out), "replaced")
+        if not overwrite:
+            raise DotMoeError(f"{out} holds an earlier export (pass --overwrite to replace it)")
 
 
 def output_state(out: str | Path) -> str:
@@ -196,7 +200,7 @@ def output_state(out: str | Path) -> str:
         return "file" if out.is_symlink() else "new"
     if not out.is_dir():
         return "file"
-    names = {e.name for e in out.iterdir() if not _is_leftover(e)}
+    names = {e.name for e in out.iterdir() if not is_leftover(e)}
     if not names:
         return "empty"
     if COMPLETE in names:
@@ -204,7 +208,7 @@ def output_state(out: str | Path) -> str:
     lw = out / LAYERWISE_DIR
     if names & {CHECKPOINT, LAYERWISE_CHECKPOINT} or (lw / COMPLETE).is_file() or (lw / LAYERWISE_CHECKPOINT).is_file():
         return "resumable"
-    if names & set(_RUN_FILES) or LAYERWISE_DIR in names:
+    if names & set(RUN_FILES) or LAYERWISE_DIR in names:
         return "unfinished"
     return "other"
 
@@ -235,11 +239,13 @@ def check_convert_output(cfg) -> None:
             raise DotMoeError(f"--resume: nothing to resume in {out}: {why}")
         _check_resume_target(out, cfg)
         return
-    if state in ("new", "empty") or cfg.overwrite:
+    if state in ("new", "empty"):
+        return
+    refuse_foreign(out, foreign_entries(out), "replaced")  # --overwrite replaces only what dotmoe wrote
+    if cfg.overwrite:
         return
     why = {"complete": "holds a finished conversion", "resumable": "holds an interrupted run's checkpoint "
-           "(pass --resume to continue it)", "unfinished": "holds an unfinished conversion",
-           "other": "is not empty and is not a dotmoe conversion"}[state]
+           "(pass --resume to continue it)", "unfinished": "holds an unfinished conversion"}.get(state, "is not empty")
     raise DotMoeError(f"--out {out} {why}; pass --overwrite to replace it, or choose another directory")
 
 
@@ -280,19 +286,19 @@ def _check_resume_target(out: Path, cfg) -> None:
 
 
 def prepare_output(out: str | Path, overwrite: bool) -> None:
-    """Just before a conversion writes: remove a killed run's temporary files, and with `overwrite` the previous
-    contents (the COMPLETE marker first, so a crash while deleting never leaves a result that looks finished)."""
+    """Just before a conversion writes: remove a killed run's temporary files, and with `overwrite` set the
+    previous contents aside (`run_dir.set_aside`: deleted only once the new result is complete)."""
     out = Path(out)
     if not out.is_dir():
         return
-    if overwrite:
-        (out / COMPLETE).unlink(missing_ok=True)
     for entry in list(out.iterdir()):
-        if overwrite or _is_temporary(entry):
+        if is_temporary(entry):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+    if overwrite:
+        set_aside(out)
 
 
 def settings_key(settings: dict, *ignore: str) -> dict:
@@ -302,8 +308,18 @@ def settings_key(settings: dict, *ignore: str) -> dict:
 
 
 def resume_key(cfg, *ignore: str) -> dict:
-    """`settings_key` of a ConvertConfig."""
-    return settings_key(cfg.to_dict(requested=True), *ignore)
+    """`settings_key` of a ConvertConfig, with the sha256 of its data files (same paths, other text: not the
+    same run)."""
+    from dotmoe.paths import default_data_file
+
+    key = settings_key(cfg.to_dict(requested=True), *ignore)
+    files = {"data": cfg.data or [default_data_file("train", cfg.model)],
+             "eval_data": cfg.eval_data or [default_data_file("validation", cfg.model)]}
+    try:
+        key["data_sha256"] = {k: [file_sha256(f) for f in v] for k, v in files.items()}
+    except OSError:
+        pass  # a missing file is reported, with its name, when the data is read
+    return key
 
 
 def check_resume_settings(path: Path, saved, mine: dict) -> None:
@@ -311,7 +327,11 @@ def check_resume_settings(path: Path, saved, mine: dict) -> None:
     if not isinstance(saved, dict):
         raise DotMoeError(f"--resume: {path} records no settings (written by another dotmoe version?); rerun "
                           "with --overwrite to start over")
-    changed = sorted(k for k in mine.keys() | saved.keys() if mine.get(k) != saved.get(k))
+    changed = sorted(k for k in mine.keys() | saved.keys() if mine.get(k) != saved.get(k)
+                     and not (k == "data_sha256" and k not in saved))  # checkpoints from before data digests
+    if "data_sha256" in changed:
+        raise DotMoeError(f"--resume: the data files changed since {path} was written (same paths, other "
+                          "contents); resume with the data it was trained on, or start over with --overwrite")
     if changed:
         detail = ", ".join(f"{k} {saved.get(k)!r} -> {mine.get(k)!r}" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

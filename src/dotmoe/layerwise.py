@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dotmoe.architecture import check_model_dir, find_gated_mlps
+from dotmoe.architecture import check_checkpoint_names, check_model_dir, find_gated_mlps
 from dotmoe.artifacts import save_conversion
 from dotmoe.assignment import NeuronAssigner
 from dotmoe.config import ConvertConfig
@@ -189,7 +189,7 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     torch.manual_seed(cfg.seed)
     texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
     model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
-    check_model_dir(model_path)
+    check_model_dir(model_path, require_dense=True)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     config._attn_implementation = "sdpa"  # causal masking without a mask tensor
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
@@ -208,8 +208,9 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     calib = calibration_sequences(seqs, cfg)
     if cfg.global_tokens:  # the global phase's evaluation data, checked before hours of layer-wise work
         eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
-        check_eval_tokens(len(tokenize_stream(tokenizer, eval_texts)[: cfg.eval_tokens]), cfg.eval_data)
+        check_eval_tokens(len(tokenize_stream(tokenizer, eval_texts, cfg.eval_tokens)), cfg.eval_data)
     src = TensorSource(model_path, None)
+    check_checkpoint_names(model_path, skeleton, src.names())
     for name in src.names():  # every input weight finite (streamed: one tensor at a time) before anything is written
         src.get(name)
         src.release()

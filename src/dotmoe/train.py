@@ -26,7 +26,7 @@ from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 from dotmoe.dense_ppl_cache import dense_perplexity
-from dotmoe.errors import DotMoeError, Interrupted
+from dotmoe.errors import DotMoeError, Interrupted, environment_error
 from dotmoe.guards import (BEST_STATE, CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
                            check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
 from dotmoe.layer_runner import map_layer_inputs
@@ -304,10 +304,12 @@ def save_checkpoint(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        why = environment_error(exc) if isinstance(exc, Exception) else None  # torch wraps it in a RuntimeError
+        if isinstance(exc, OSError) or why:
             kept = "the previous checkpoint is intact; free space and rerun with --resume" if had_one else \
                 "no checkpoint was written yet"
-            raise DotMoeError(f"cannot write the checkpoint {path}: {exc.strerror or exc} ({kept})") from exc
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else why or exc
+            raise DotMoeError(f"cannot write the checkpoint {path}: {reason} ({kept})") from exc
         raise
 
 
@@ -453,7 +455,8 @@ def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
     texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
     eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
     model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
-    model, tokenizer = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                      require_dense=True)
     named_mlps = find_gated_mlps(model)
     mlps = [m for _, m in named_mlps]
     warning = cfg.fit_shared_to_export(model.config.to_dict())
@@ -466,7 +469,7 @@ def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
     if len(seqs) < cfg.batch_size:
         raise DotMoeError(f"data too short: {len(seqs)} sequences of {cfg.seq_len} tokens, need >= batch size "
                           f"{cfg.batch_size}")
-    eval_ids = tokenize_stream(tokenizer, eval_texts)[: cfg.eval_tokens]
+    eval_ids = tokenize_stream(tokenizer, eval_texts, cfg.eval_tokens)
     check_eval_tokens(len(eval_ids), cfg.eval_data)
     model.requires_grad_(False)
     return Prepared(model, tokenizer, model_path, seqs, eval_ids, [n for n, _ in named_mlps], mlps)
@@ -523,13 +526,23 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     marked complete (COMPLETE) only after everything else, the export included, is written."""
     from dotmoe.allocator import return_large_blocks_to_the_system
 
-    return_large_blocks_to_the_system()
-    check_convert_output(cfg)
-    if cfg.mode == "layerwise":
-        from dotmoe.layerwise import convert_layerwise
+    from dotmoe.run_dir import output_lock, restore_previous
 
-        return convert_layerwise(cfg, progress)
-    return convert_joint(cfg, progress)
+    return_large_blocks_to_the_system()
+    check_convert_output(cfg)  # before the lock creates OUT: a refused run writes nothing
+    with output_lock(cfg.out):
+        check_convert_output(cfg)  # again, now that no other run can change OUT
+        try:
+            if cfg.mode == "layerwise":
+                from dotmoe.layerwise import convert_layerwise
+
+                return convert_layerwise(cfg, progress)
+            return convert_joint(cfg, progress)
+        except BaseException:
+            if int(os.environ.get("RANK", "0")) == 0 and restore_previous(Path(cfg.out)):
+                print(f"dotmoe: the run stopped before it saved a checkpoint; {cfg.out} holds its previous result "
+                      "again", file=sys.stderr)
+            raise
 
 
 def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:

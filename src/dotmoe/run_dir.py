@@ -1,0 +1,225 @@
+"""What dotmoe writes into an output directory, and the rules that keep everything else safe.
+
+- The file names of a `convert` output and of an exported checkpoint live here (one list each), so a directory can
+  be recognised as dotmoe's own: `--overwrite` replaces only what dotmoe wrote, never a directory that also holds
+  anything else (`foreign_entries`).
+- `output_lock`: one run at a time per output directory; a second process is refused, naming the holder.
+- `set_aside` / `drop_previous` / `restore_previous`: `--overwrite` moves the previous result aside (a rename), and
+  it is deleted only once the new result is complete; a run that stops before it saved a checkpoint puts it back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dotmoe.errors import DotMoeError
+
+# files of a `dotmoe convert` output directory (artifacts.py / train.py / layerwise.py own their contents)
+COMPLETE = "COMPLETE"  # written last: its presence is what makes a conversion directory a finished result
+CHECKPOINT = "checkpoint.pt"
+LAYERWISE_CHECKPOINT = "layerwise_checkpoint.pt"
+BEST_STATE = "best_state.pt"  # the trainable state at the best validation perplexity so far (joint training)
+LAYERWISE_DIR = "layerwise"
+META_FILE = "dotmoe_meta.json"
+EXPORT_DIR = "model"
+RUN_FILES = (META_FILE, "assignment.safetensors", "trained_weights.safetensors", "train_log.jsonl", EXPORT_DIR,
+             BEST_STATE)
+CONVERT_FILES = frozenset((COMPLETE, CHECKPOINT, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, *RUN_FILES))
+
+# files of an exported checkpoint (export.py), and what `dotmoe eval` writes beside it by default
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+REMOTE_CODE = ("configuration_dotmoe.py", "modeling_dotmoe.py")
+EXPORT_FILES = frozenset(("config.json", "README.md", "parity.json", META_FILE, "model.safetensors.index.json",
+                          "eval.json", "eval_expert_load.png", "eval_recon.png", *TOKENIZER_FILES, *REMOTE_CODE))
+EXPORT_PATTERNS = ("model.safetensors", "model-?????-of-?????.safetensors")
+
+LOCK = ".dotmoe.lock"  # held by the run writing the directory
+PREVIOUS = ".dotmoe-previous"  # the result an --overwrite run replaces, until the new one is complete
+INTERNAL = frozenset((LOCK, PREVIOUS))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, computed once per (path, size, modification time)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def is_temporary(entry: Path) -> bool:
+    """A temporary file or directory a killed run may leave behind (never part of a result)."""
+    return entry.name.startswith((".dotmoe-write-test-", ".model.tmp-", ".model.old-")) or entry.name.endswith(".tmp")
+
+
+def is_leftover(entry: Path) -> bool:
+    """Temporary files, empty directories (e.g. made by a run stopped before it wrote anything) and the lock."""
+    return (entry.name in INTERNAL or is_temporary(entry)
+            or entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir()))
+
+
+def is_export(path: Path) -> bool:
+    """An exported checkpoint written by dotmoe: its config.json has the `dotmoe` record, its conversion record
+    is copied beside it."""
+    try:
+        return "dotmoe" in json.loads((path / "config.json").read_text()) and (path / META_FILE).is_file()
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def foreign_export_entries(path: Path) -> list[str]:
+    """The entries of the export directory `path` that dotmoe did not write (all of them if it is no export)."""
+    names = sorted(e.name for e in path.iterdir() if not is_leftover(e))
+    if not is_export(path):
+        return names
+    return [n for n in names if n not in EXPORT_FILES and not any(fnmatch.fnmatch(n, p) for p in EXPORT_PATTERNS)]
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of the `convert --out` directory `out` that dotmoe did not write; the export in `model/` and a
+    layer-wise pass in `layerwise/` are checked inside."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if is_leftover(entry):
+            continue
+        if entry.name not in CONVERT_FILES or entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.name == EXPORT_DIR:
+            foreign += [f"{EXPORT_DIR}/{n}" for n in (foreign_export_entries(entry) if entry.is_dir() else [""])]
+        elif entry.name == LAYERWISE_DIR:
+            foreign += [f"{LAYERWISE_DIR}/{n}" for n in (foreign_entries(entry) if entry.is_dir() else [""])]
+    return foreign
+
+
+def refuse_foreign(out: Path, foreign: list[str], what: str) -> None:
+    """One line: `out` holds files dotmoe did not write, so it is never replaced, whatever the flags."""
+    if foreign:
+        shown = ", ".join(n.rstrip("/") for n in foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4
+                                                                 else "")
+        raise DotMoeError(f"--out {out} holds files that dotmoe did not write ({shown}); it is not {what}, even "
+                          "with --overwrite: choose another directory")
+
+
+# ------------------------------------------------------------------------------------------------ the run lock
+
+def _holder(lock_file: Path) -> str:
+    try:
+        info = json.loads(lock_file.read_text())
+        return f"process {info['pid']} on {info['host']} ({info['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def output_lock(out: str | Path) -> Iterator[None]:
+    """Hold `out/.dotmoe.lock` for the run (an OS file lock: released when the process dies, however it dies). A
+    second run on the same directory is refused at once, naming the holder. A directory this run created and
+    left empty is removed again. Distributed ranks other than 0 do not lock (rank 0 holds it for the run)."""
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
+    lock_file = out / LOCK
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DotMoeError(f"--out {out} is being written by {_holder(lock_file)}; wait for it to finish or choose "
+                          "another directory") from None
+    except OSError as exc:
+        raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
+    try:
+        try:
+            lock_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                             "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}))
+        except OSError:
+            pass  # the lock holds without its note (e.g. a full disk): the refusal then names "another process"
+        yield
+    finally:
+        lock.release()
+        if out.is_dir() and not any(e.name != LOCK for e in out.iterdir()):  # nothing written: leave no trace
+            lock_file.unlink(missing_ok=True)
+            for path in created:  # innermost first
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+
+
+# ------------------------------------------------------------------------------- replacing a previous result
+
+def set_aside(out: Path) -> None:
+    """`--overwrite`, just before the new run writes: move what `out` holds into `out/.dotmoe-previous` (renames
+    only). Where a previous result is already set aside (an earlier --overwrite run that stopped), it is the one
+    kept, and what the stopped run wrote is deleted."""
+    previous = out / PREVIOUS
+    if not any(e.name not in INTERNAL for e in out.iterdir()):
+        return  # nothing to replace
+    keep = not previous.exists()
+    if keep:
+        previous.mkdir()
+    if keep and (out / COMPLETE).exists():  # the marker first: a crash while moving never looks finished
+        (out / COMPLETE).rename(previous / COMPLETE)
+    for entry in list(out.iterdir()):
+        if entry.name in INTERNAL:
+            continue
+        if keep:
+            entry.rename(previous / entry.name)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def drop_previous(out: Path) -> None:
+    """The new result is complete: the one it replaces goes."""
+    shutil.rmtree(out / PREVIOUS, ignore_errors=True)
+
+
+def has_checkpoint(out: Path) -> bool:
+    """A checkpoint `--resume` can continue (the joint one, the layer-wise one, or a finished layer-wise pass)."""
+    lw = out / LAYERWISE_DIR
+    return any(p.is_file() for p in (out / CHECKPOINT, out / LAYERWISE_CHECKPOINT, lw / COMPLETE,
+                                     lw / LAYERWISE_CHECKPOINT))
+
+
+def restore_previous(out: Path) -> bool:
+    """A run that replaced a result stopped before finishing: with no checkpoint to resume, delete what it wrote
+    and put the previous result back (returns True); with one, keep both (the previous stays set aside until
+    the resumed run completes)."""
+    previous = out / PREVIOUS
+    if not previous.is_dir() or (out / COMPLETE).exists() or has_checkpoint(out):
+        return False
+    for entry in list(out.iterdir()):
+        if entry.name in INTERNAL:
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in sorted(previous.iterdir(), key=lambda e: e.name == COMPLETE):  # the marker last
+        entry.rename(out / entry.name)
+    previous.rmdir()
+    return True

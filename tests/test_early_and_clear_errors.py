@@ -1,0 +1,114 @@
+"""Everything the flags and files can tell is checked before any work, and each error says what is wrong (issue 28,
+classes 3 and 4): exit code 2, one stderr line, nothing written."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import cli_error, tiny_convert_argv
+from safetensors.torch import load_file, save_file
+
+from dotmoe.artifacts import load_conversion
+from dotmoe.cli import main
+
+
+def test_valid_flags_never_produce_an_output_the_reader_rejects(tiny_llama_dir, tiny_text, tmp_path):
+    out = tmp_path / "o"  # 64 neurons, 7 experts, no shared expert: the remainder is routed, not dropped
+    assert main(tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, out, experts=7, top_k=3, tokens=0,
+                                  shared_fraction=0)) == 0
+    conv = load_conversion(out)
+    assert conv.meta["drop"] == 0 and conv.meta["shared"] == 0 and sum(conv.meta["capacities"]) == 64
+
+
+def test_a_shared_expert_the_export_format_cannot_hold_fails_before_any_work(tiny_llama_dir, tiny_text, tmp_path,
+                                                                             capsys):
+    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, tmp_path / "o", tokens=0, shared=8,
+                             export_format="qwen3_moe")
+    assert "shared expert" in cli_error(argv, capsys) and not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_reached_through_a_library_is_one_line(joint_reference, tmp_path, monkeypatch, capsys):
+    argv, _ = joint_reference
+
+    def full_disk(obj, f, *a, **k):  # what torch's zip writer raises when the device is full
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054: No space "
+                           "left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    line = cli_error(argv + ["--out", str(tmp_path / "o")], capsys)
+    assert "cannot write the checkpoint" in line and "no space left on the device" in line
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_out_below_a_symlink_loop_is_one_line(joint_reference, tmp_path, capsys):
+    argv, _ = joint_reference
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert "cannot be resolved" in cli_error(argv + ["--out", str(tmp_path / "a" / "out")], capsys)
+
+
+def test_a_wrong_shaped_trained_tensor_is_named(tiny_llama_dir, tiny_text, tmp_path, capsys):
+    conv = tmp_path / "conv"
+    assert main(tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, conv, tokens=0)) == 0
+    trained = conv / "trained_weights.safetensors"
+    tensors = load_file(str(trained))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, str(trained), metadata={"format": "pt"})
+    meta = (conv / "dotmoe_meta.json").read_text()
+    import json
+
+    record = json.loads(meta)
+    record.pop("trained_weights_sha256")  # past the digest check: the shape check itself
+    (conv / "dotmoe_meta.json").write_text(json.dumps(record))
+    line = cli_error(["export", "--from", str(conv), "--out", str(tmp_path / "moe")], capsys)
+    assert f"tensor {name!r} has shape [3, 3], the dense model's" in line and not (tmp_path / "moe").exists()
+
+
+@pytest.mark.parametrize("content, shown", [
+    (b"good text " * 50 + b"caf\xe9 " + b"more " * 50, "is not UTF-8 text: byte 0xe9 at offset 503"),
+    (b"text " * 20 + b"\x00" * 64, "holds a NUL byte at offset 100"),
+])
+def test_data_that_is_not_utf8_text_says_where(content, shown, tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    line = cli_error(tiny_convert_argv(tmp_path, tiny_llama_dir, data, tmp_path / "o", tokens=0), capsys)
+    assert f"data file {data} {shown}" in line and not (tmp_path / "o").exists()
+
+
+def test_things_that_exist_are_never_reported_as_not_found(tiny_llama_dir, tiny_text, tmp_path, capsys):
+    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, tmp_path / "o", tokens=0)
+    at = argv.index("--config")
+    (tmp_path / "cfgdir").mkdir()
+    assert "--config" in (line := cli_error(argv[:at + 1] + [str(tmp_path / "cfgdir")] + argv[at + 2:], capsys)) \
+        and "is a directory" in line
+    gguf_named_bin = tmp_path / "model.bin"
+    gguf_named_bin.write_bytes(b"GGUF" + b"\0" * 60)
+    at = argv.index("--model")
+    line = cli_error(argv[:at + 1] + [str(gguf_named_bin)] + argv[at + 2:], capsys)
+    assert "is a file, not a model directory; it is a GGUF file: name it *.gguf" in line
+    fifo_model = shutil.copytree(tiny_llama_dir, tmp_path / "fifo_model")
+    (fifo_model / "config.json").unlink()
+    os.mkfifo(fifo_model / "config.json")
+    line = cli_error(argv[:at + 1] + [str(fifo_model)] + argv[at + 2:], capsys)
+    assert "config.json is not a regular file" in line and not (tmp_path / "o").exists()
+
+
+def test_task_dir_problems_are_named_before_the_evaluation(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from dotmoe.paths import reference_model_dir
+
+    base = ["eval", "--model", str(reference_model_dir()), "--out", str(tmp_path / "r.json"), "--tasks"]
+    assert "--task-dir" in (line := cli_error(base + ["mine", "--task-dir", str(tmp_path / "nowhere")], capsys)) \
+        and "does not exist" in line
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "bad.yaml").write_text("task: mine\n  dataset_path: [unclosed\n")
+    assert "task YAML" in (line := cli_error(base + ["mine", "--task-dir", str(tasks)], capsys)) and \
+        "is malformed" in line
+    (tasks / "bad.yaml").write_text("task: pydoc_cloze\ndataset_path: json\n")
+    line = cli_error(base + ["pydoc_cloze", "--task-dir", str(tasks)], capsys)
+    assert "is both a bundled task and defined in --task-dir" in line
+    line = cli_error(base + ["other", "--task-dir", str(tasks)], capsys)
+    assert f"--task-dir {tasks} defines ['pydoc_cloze']" in line and not (tmp_path / "r.json").exists()
