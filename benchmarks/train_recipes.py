@@ -33,9 +33,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # name -> ConvertConfig overrides (a YAML config of `dotmoe convert`); warmup 2 of the 16 steps of a 32k-token run
 RECIPES = {
-    # `dotmoe convert --tokens N` with nothing else: every weight trains (trainable auto), lr 1e-4 (router 1e-4,
+    # `dotmoe convert --tokens N` with nothing else: every weight trains (trainable auto), lr 3e-4 (router 1e-4,
     # affinity 1e-3), warmup an eighth of the steps, cosine decay, best validation state kept
     "defaults": {},
+    # the same with the weights at 1e-4 (the default before the lr3e-4 / lr1e-3 runs below)
+    "lr1e-4": {"lr_weights": 1.0e-4},
     # the defaults of `--tokens N` until now: router and assignment train, frozen FFN weights, refit after training
     "router-assignment": {"trainable": "router+assignment", "refit_after_training": True, "warmup_steps": 2},
     # every weight trains (distillation from the dense teacher); router and assignment at 30x / 50x lower rates
@@ -44,8 +46,10 @@ RECIPES = {
     # the same, weights at 1e-4
     "full-lr1e-4": {"trainable": "full", "lr_weights": 1.0e-4, "lr_router": 1.0e-4, "lr_affinity": 1.0e-3,
                     "warmup_steps": 2},
-    # the defaults with the weights at 3x the default rate (the 32k-token curve at 1e-4 was still falling)
+    # the weights at 3x (the 32k-token curve at 1e-4 was still falling; now the default)
     "lr3e-4": {"lr_weights": 3.0e-4},
+    # and at 10x
+    "lr1e-3": {"lr_weights": 1.0e-3},
     # the paper's ablation: full-low-lr with the starting partition frozen
     "full-low-lr-frozen": {"trainable": "full", "lr_weights": 3.0e-5, "lr_router": 1.0e-4, "lr_affinity": 0.0,
                            "warmup_steps": 2},

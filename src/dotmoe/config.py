@@ -18,7 +18,9 @@ TRAINABLE = ("auto", "router+assignment", "experts", "full")
 # learning rates by what trains (SmolLM2-135M at 25% active, 32k tokens from one training-free start, validation
 # PPL 119.6 at the start; benchmarks/results/train_recipes_smollm2-135m-instruct_c16384.md): every weight at 1e-4 with
 # router 1e-4 / affinity 1e-3 reached 89.9 after 16k tokens (3e-5: 94.7); router + assignment alone at 3e-3 / 0.05
-# reached 113.7 (their rates before; at those rates the router reshuffles its lstsq routing within a few steps)
+# reached 113.7 (their rates before; at those rates the router reshuffles its lstsq routing within a few steps).
+# The weights' rate from the default 65,536-token start (validation 111.9; _c65536.md): after 32k tokens 79.1 at 1e-4,
+# 74.8 at 3e-4, 78.8 at 1e-3
 LEARNING_RATES = {"router+assignment": {"lr_router": 3e-3, "lr_affinity": 0.05},
                   "weights": {"lr_router": 1e-4, "lr_affinity": 1e-3}}
 AFFINITY_INITS = ("coactivation", "weight-kmeans", "random")
@@ -65,7 +67,7 @@ class ConvertConfig:
     # None: by what trains (LEARNING_RATES). lr_affinity 0 = the starting partition stays frozen
     lr_affinity: float | None = None
     lr_router: float | None = None
-    lr_weights: float = 1e-4
+    lr_weights: float = 3e-4
     warmup_steps: int | None = None  # None: an eighth of the steps (at least 1); the learning rate then decays (cosine)
     tau_start: float = 1.0
     tau_end: float = 0.1
