@@ -41,14 +41,6 @@ def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _head(path: Path, n: int) -> bytes:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(n)
-    except OSError:
-        return b""
-
-
 def check_model_dir(path: str | Path, require_dense: bool = False) -> Path:
     """A local HF model directory with a valid config.json and safetensors weights, or a one-line error.
 
@@ -56,10 +48,11 @@ def check_model_dir(path: str | Path, require_dense: bool = False) -> Path:
     `require_dense`: refuse a model that is already a Mixture-of-Experts (what `convert` takes).
     """
     from dotmoe.gguf_input import resolve_model
+    from dotmoe.guards import model_weight_files, read_head
 
     path = resolve_model(path)
     if path.is_file():
-        gguf = _head(path, 4) == b"GGUF"
+        gguf = read_head(path, 4) == b"GGUF"
         raise DotMoeError(f"--model {path} is a file, not a model directory" + (
             "; it is a GGUF file: name it *.gguf" if gguf else " (pass an HF model directory or a .gguf file)"))
     if not path.is_dir():
@@ -80,11 +73,10 @@ def check_model_dir(path: str | Path, require_dense: bool = False) -> Path:
                           "save it as a Gemma3ForCausalLM directory (model_type gemma3_text) and pass that")
     model_type = str(config.get("model_type", ""))
     moe_keys = [k for k in MOE_CONFIG_KEYS if config.get(k)]
-    if require_dense and (moe_keys or "dotmoe" in config or "moe" in model_type or model_type in ("mixtral", "dbrx", "deepseek_v3")):
+    is_moe = moe_keys or "dotmoe" in config or "moe" in model_type or model_type in ("mixtral", "dbrx", "deepseek_v3")
+    if require_dense and is_moe:
         why = f"{moe_keys[0]} = {config[moe_keys[0]]}" if moe_keys else f"model_type {model_type!r}"
         raise DotMoeError(f"{path} is already a Mixture-of-Experts model ({why}); dotmoe converts dense models")
-    from dotmoe.guards import model_weight_files
-
     model_weight_files(path)  # its own weight files (never a stray *.safetensors beside them) exist and are readable
     return path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dotmoe.errors import DotMoeError, environment_error
+from dotmoe.errors import DotMoeError, write_failure
 from dotmoe.guards import CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT
 from dotmoe.run_dir import META_FILE, drop_previous, file_sha256
 
@@ -27,10 +27,9 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        why = environment_error(exc) if isinstance(exc, Exception) else None  # safetensors wraps it
-        if isinstance(exc, OSError) or why:
-            raise DotMoeError(f"cannot write {path}: "
-                              f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else why or exc}") from exc
+        why = write_failure(exc)  # safetensors wraps the OSError
+        if why:
+            raise DotMoeError(f"cannot write {path}: {why}") from exc
         raise
 
 

@@ -109,7 +109,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         stop = exc if isinstance(exc, Interrupted) else Interrupted()
         stop.hint = convert_hint(cfg.out, ["convert", *args.argv[1:]])
         raise stop from None
-    if int(os.environ.get("RANK", "0")) != 0:  # distributed run: the main process reports
+    from dotmoe.run_dir import is_main_rank
+
+    if not is_main_rank():  # distributed run: the main process reports
         return
     s = result.summary
     if s.get("mode") == "layerwise":

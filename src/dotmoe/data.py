@@ -49,8 +49,8 @@ def load_texts(paths: list[str | Path], text_column: str = "text") -> list[str]:
             raise DotMoeError(f"data has no {text_column!r} column (columns: {', '.join(ds.column_names)})")
         column = ds[text_column]
         del ds
-    if not all(isinstance(t, str) for t in column):
-        raise DotMoeError(_non_text_error(builder, files, text_column, kwargs))
+        if not all(isinstance(t, str) for t in column):
+            raise DotMoeError(_non_text_error(builder, files, text_column, {**kwargs, "cache_dir": cache}))
     texts = [t for t in column if t.strip()]
     if not texts:
         raise DotMoeError(f"data files {', '.join(map(str, files))} contain no text")

@@ -27,6 +27,14 @@ _ENVIRONMENT = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 "too many levels of symbolic links"}
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when the environment refused it (an OSError, or one a library wrapped): the reason to
+    report as a one-line user error; None for anything else (a bug, an interrupt)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return environment_error(exc) if isinstance(exc, Exception) else None
+
+
 def environment_error(exc: BaseException) -> str | None:
     """The one-line reason when `exc` (or what caused it) is the environment refusing a read or write."""
     seen = set()

@@ -126,6 +126,14 @@ def _check_ancestors(path: Path, flag: str) -> None:
             return
 
 
+def write_probe(directory: Path) -> None:
+    """Write and remove a probe file in `directory` (per process: distributed ranks check at once); raises the
+    OSError of a directory that takes no files."""
+    probe = directory / f".dotmoe-write-test-{os.getpid()}"
+    probe.write_bytes(b"0")
+    probe.unlink(missing_ok=True)
+
+
 def check_file_destination(path: str | Path, flag: str) -> None:
     """A file can be created at `path`: it is not a directory, no existing ancestor is a regular file, and the
     directory it goes into (or its nearest existing ancestor) takes a file (a probe written and removed), so a
@@ -135,10 +143,8 @@ def check_file_destination(path: str | Path, flag: str) -> None:
         raise DotMoeError(f"{flag} {path} is a directory; give a file name")
     _check_ancestors(path, flag)
     parent = next((p for p in path.parents if p.exists()), Path("."))
-    probe = parent / f".dotmoe-write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        write_probe(parent)
     except OSError as exc:
         raise DotMoeError(f"cannot write {flag} {path}: {exc.strerror or exc} in {parent}") from exc
 
@@ -158,11 +164,12 @@ def check_report_destination(out: str | Path, companions: Iterable[Path] = ()) -
         if not (isinstance(earlier, dict) and "ppl" in earlier and "model" in earlier):
             raise DotMoeError(f"--out {out} exists and is not an earlier dotmoe eval report; it is not replaced")
     for plot in companions:
-        if plot.is_dir() or plot.exists() and _head(plot) != b"\x89PNG\r\n\x1a\n":
+        if plot.is_dir() or plot.exists() and read_head(plot) != b"\x89PNG\r\n\x1a\n":
             raise DotMoeError(f"the plot {plot} (written beside --out) exists and is not a PNG; it is not replaced")
 
 
-def _head(path: Path, n: int = 8) -> bytes:
+def read_head(path: Path, n: int = 8) -> bytes:
+    """The first `n` bytes of a file (b"" when it cannot be read)."""
     try:
         with path.open("rb") as fh:
             return fh.read(n)

@@ -128,6 +128,11 @@ def _holder(lock_file: Path) -> str:
         return "another process"
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of a distributed run (torchrun sets RANK), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextmanager
 def output_lock(out: str | Path) -> Iterator[None]:
     """Hold `out/.dotmoe.lock` for the run (an OS file lock: released when the process dies, however it dies). A
@@ -136,7 +141,7 @@ def output_lock(out: str | Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     out = Path(out)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_rank():
         yield
         return
     created = [p for p in (out, *out.parents) if not p.exists()]

@@ -26,9 +26,10 @@ from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 from dotmoe.dense_ppl_cache import dense_perplexity
-from dotmoe.errors import DotMoeError, Interrupted, environment_error
+from dotmoe.errors import DotMoeError, Interrupted, write_failure
 from dotmoe.guards import (BEST_STATE, CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
-                           check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested)
+                           check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested,
+                           write_probe)
 from dotmoe.layer_runner import map_layer_inputs
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
@@ -304,12 +305,11 @@ def save_checkpoint(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        why = environment_error(exc) if isinstance(exc, Exception) else None  # torch wraps it in a RuntimeError
-        if isinstance(exc, OSError) or why:
+        why = write_failure(exc)  # torch wraps the OSError in a RuntimeError
+        if why:
             kept = "the previous checkpoint is intact; free space and rerun with --resume" if had_one else \
                 "no checkpoint was written yet"
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else why or exc
-            raise DotMoeError(f"cannot write the checkpoint {path}: {reason} ({kept})") from exc
+            raise DotMoeError(f"cannot write the checkpoint {path}: {why} ({kept})") from exc
         raise
 
 
@@ -405,9 +405,7 @@ def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> None:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".dotmoe-write-test-{os.getpid()}"  # per process: distributed ranks check at once
-        probe.write_bytes(b"0")
-        probe.unlink(missing_ok=True)
+        write_probe(out)
     except OSError as exc:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -526,7 +524,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     marked complete (COMPLETE) only after everything else, the export included, is written."""
     from dotmoe.allocator import return_large_blocks_to_the_system
 
-    from dotmoe.run_dir import output_lock, restore_previous
+    from dotmoe.run_dir import is_main_rank, output_lock, restore_previous
 
     return_large_blocks_to_the_system()
     check_convert_output(cfg)  # before the lock creates OUT: a refused run writes nothing
@@ -539,7 +537,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                 return convert_layerwise(cfg, progress)
             return convert_joint(cfg, progress)
         except BaseException:
-            if int(os.environ.get("RANK", "0")) == 0 and restore_previous(Path(cfg.out)):
+            if is_main_rank() and restore_previous(Path(cfg.out)):
                 print(f"dotmoe: the run stopped before it saved a checkpoint; {cfg.out} holds its previous result "
                       "again", file=sys.stderr)
             raise
