@@ -59,7 +59,20 @@ RECIPES = {
                                 "warmup_steps": 2},
     # full-low-lr with the router and assignment at the old rates (3e-3 / 0.05)
     "full-high-router-lr": {"trainable": "full", "lr_weights": 3.0e-5, "warmup_steps": 2},
+    # the paper's ablation at the defaults: the starting partition frozen (router + every weight train)
+    "frozen-assignment": {"lr_affinity": 0.0},
+    # baselines trained the same way (defaults): pruning to the same active budget + the same distillation (its
+    # own training-free prune, then `--tokens`), and the random split (from its own training-free start)
+    "prune-distill": {"method": "prune"},
+    "random": {"method": "random"},
 }
+
+
+def start_name(recipe: str) -> str | None:
+    """The training-free run a recipe trains from (--init-from): `start` for DOT-MoE, `start-<method>` for another
+    MoE method, None for prune (its run prunes, then distils)."""
+    method = RECIPES[recipe].get("method", "dotmoe")
+    return None if method == "prune" else "start" if method == "dotmoe" else f"start-{method}"
 
 
 def convert_cmd(model: Path, out: Path, tokens: int, calib: int, eval_tokens: int, extra: list[str]) -> list[str]:
@@ -81,7 +94,8 @@ def run(cmd: list[str], log: Path, threads: int) -> float:
 def score(out: Path) -> dict:
     from real_models import score as score_run
 
-    return score_run(out, "dotmoe", 8192, cloze=False)
+    method = json.loads((out / "dotmoe_meta.json").read_text())["method"]
+    return score_run(out, "prune" if method == "prune" else "dotmoe", 8192, cloze=False)
 
 
 def record(name: str, out: Path, wall: float | None) -> dict:
@@ -153,8 +167,12 @@ def main() -> None:
     runs = Path(args.runs) / Path(args.model).name
     runs.mkdir(parents=True, exist_ok=True)
     start = runs / "start"
-    if not args.report and not (start / "COMPLETE").is_file():
-        run(convert_cmd(model, start, 0, args.calib_tokens, 8192, ["--overwrite"]), runs / "start.log", 2)
+    starts = {start_name(r) for r in args.recipes} | {"start"}
+    for name in sorted(starts - {None}):
+        if not args.report and not (runs / name / "COMPLETE").is_file():
+            method = ["--method", name.removeprefix("start-")] if name != "start" else []
+            run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, ["--overwrite", *method]),
+                runs / f"{name}.log", 2)
 
     def one(name: str) -> None:
         out = runs / name
@@ -162,7 +180,8 @@ def main() -> None:
             return
         cfg = runs / f"{name}.yaml"
         cfg.write_text(yaml.safe_dump(RECIPES[name]))
-        extra = ["--init-from", str(start), "--config", str(cfg), "--eval-every", str(args.eval_every), "--overwrite"]
+        origin = ["--init-from", str(runs / start_name(name))] if start_name(name) else []
+        extra = [*origin, "--config", str(cfg), "--eval-every", str(args.eval_every), "--overwrite"]
         wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, extra),
                    runs / f"{name}.log", max(1, 2 // args.jobs))
         (runs / f"{name}.wall_s").write_text(str(wall))  # beside the run: its directory holds only dotmoe's files

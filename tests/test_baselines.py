@@ -127,3 +127,82 @@ def test_lstsq_router_is_the_ridge_fit_of_its_target(tiny_llama_dir, top_k):
         agree = (torch.from_numpy(x.numpy() @ router.numpy().T).topk(top_k, -1).indices.sort(-1).values ==
                  torch.from_numpy(np.argsort(-norms, -1)[:, :top_k].copy()).sort(-1).values).all(-1).float().mean()
         assert agree > 0.25, agree
+
+
+def test_pruning_plus_distillation_starts_at_the_pruned_model_and_distills_against_the_dense_one(tmp_path):
+    """--method prune --tokens N: the training-free pruned model, then every weight distilled from the dense model
+    on the joint training's batches; the first step's KL equals F.kl_div of the two models' own logits on that batch,
+    training lowers it, and the run ends at its best validation point."""
+    import json
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from dotmoe.distill_dense import batch_order
+    from dotmoe.paths import default_data_file, reference_model_dir
+    from dotmoe.train import prepare
+
+    model = reference_model_dir()  # a trained model on its own text: the KL is far from 0 and measurable
+    data = dict(data=[str(default_data_file("train", str(model)))],
+                eval_data=[str(default_data_file("validation", str(model)))])
+
+    def cfg(out, **kw):
+        return _cfg(model, data["data"][0], tmp_path / out, method="prune", eval_data=data["eval_data"], **kw)
+
+    free = convert(cfg("free"), progress=False).summary
+    run = cfg("tr", tokens=3 * 4 * 32, eval_every=1, warmup_steps=0, lr_weights=1e-4)
+    trained = convert(run, progress=False).summary
+    assert trained["steps"] == 3 and trained["train_tokens"] == 384 and run.trainable == "full"
+    curve = trained["eval_curve"]  # measured 18.648 -> 18.606 -> 18.579 -> 18.566
+    assert curve[0] == pytest.approx(free["val_ppl"], rel=1e-5)  # it starts at the pruned model
+    assert curve[-1] < curve[0] and trained["best_step"] == 3, curve
+    log = [json.loads(x) for x in (tmp_path / "tr" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+
+    seqs = prepare(cfg("x", tokens=384)).seqs
+    batch = seqs[batch_order(run, len(seqs))[:4]]
+    dense = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        teacher, student, after = (
+            m(input_ids=batch).logits[:, :-1].reshape(-1, dense.config.vocab_size) for m in
+            (dense, *(AutoModelForCausalLM.from_pretrained(tmp_path / d / "model").eval() for d in ("free", "tr"))))
+
+    def kl(s):
+        return float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean"))
+
+    assert log[1]["kl"] == pytest.approx(kl(student), abs=1e-6)  # step 1's loss (logged to 6 decimals)
+    assert kl(after) < 0.98 * kl(student), (kl(after), kl(student))  # three steps later: closer to the teacher
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "tr" / "model")
+    assert pruned.config.intermediate_size == free["kept_neurons"]
+
+
+def test_distillation_that_does_not_improve_ends_with_the_weights_it_started_from(tiny_llama_dir):
+    """keep_best: a distillation whose validation perplexity only rises (a random student at a high rate) returns to
+    its starting weights, bit for bit."""
+    from dotmoe.distill_dense import distill_dense
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    seqs, eval_ids = torch.randint(0, 500, (16, 32), generator=g), torch.randint(0, 500, (256,), generator=g)
+    cfg = ConvertConfig(method="prune", tokens=3 * 4 * 32, seq_len=32, batch_size=4, eval_every=1, warmup_steps=0,
+                        lr_weights=0.1, eval_tokens=256)
+    result = distill_dense(student, teacher, seqs, eval_ids, cfg, progress=False)
+    assert len(result.eval_curve) == 4 and min(result.eval_curve[1:]) > result.eval_curve[0], result.eval_curve
+    assert result.best_step == 0
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+    assert [r["step"] for r in result.history] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("settings, message", [({"trainable": "router+assignment"}, "does not apply"),
+                                               ({"resume": True}, "does not checkpoint")])
+def test_pruning_plus_distillation_refuses_what_it_cannot_do(settings, message, tmp_path):
+    from dotmoe.errors import DotMoeError
+
+    with pytest.raises(DotMoeError, match=message):
+        ConvertConfig(method="prune", tokens=1024, out=str(tmp_path), **settings)

@@ -54,7 +54,8 @@ def test_router_assignment_run_that_does_not_improve_ends_at_its_training_free_s
     from dotmoe.paths import reference_data_file
 
     common = dict(experts=8, top_k=2, calib_tokens=512, eval_tokens=512, seq_len=64, batch_size=4, seed=0,
-                  eval_data=[str(reference_data_file("validation"))], export_format="none")
+                  eval_data=[str(reference_data_file("validation"))], export_format="none",
+                  trainable="router+assignment")
     free = convert(ConvertConfig(**common, tokens=0, out=str(tmp_path / "free")), progress=False).summary
     hurt = convert(ConvertConfig(**common, tokens=2 * 4 * 64, eval_every=1, warmup_steps=0, lr_router=1.0,
                                  lr_affinity=5.0, out=str(tmp_path / "hurt")), progress=False).summary

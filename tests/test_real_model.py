@@ -25,6 +25,18 @@ MAX_RATIO = {2: 10.0, 4: 4.0}  # measured 7.63 / 3.21 (first 4k tokens of the wi
 
 
 @pytest.fixture(scope="module")
+def _module_ppl_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("real_ppl_cache") / "dense_ppl.json"
+
+
+@pytest.fixture(autouse=True)
+def _own_dense_ppl_cache(_module_ppl_cache, monkeypatch):
+    """One dense-perplexity cache for this module's tests (conftest's gives each test its own): the dense SmolLM2 is
+    scored on the same evaluation tokens by four conversions here, a forward that need run only once."""
+    monkeypatch.setenv("DOTMOE_PPL_CACHE", str(_module_ppl_cache))
+
+
+@pytest.fixture(scope="module")
 def smollm2():
     from dotmoe.real_models import real_model_dir
 

@@ -143,7 +143,7 @@ class ConvertConfig:
         choose("method", METHODS)
         choose("mode", ("joint", "layerwise"))
         if self.mode == "layerwise" and self.method == "prune":
-            raise DotMoeError("--method prune has no layer-wise mode (it needs no training)")
+            raise DotMoeError("--method prune has no layer-wise mode (it trains, with --tokens, in the joint mode)")
         choose("gating", GATING_MODES)
         choose("trainable", TRAINABLE)
         choose("init_affinity", AFFINITY_INITS)
@@ -186,6 +186,12 @@ class ConvertConfig:
             raise DotMoeError("global_tokens is the joint phase after --mode layerwise; in the joint mode use --tokens")
         if self.init_from and self.mode != "joint":
             raise DotMoeError("init_from starts a joint conversion; it does not apply to --mode layerwise")
+        if self.method == "prune" and self.tokens and self.trainable not in ("auto", "full"):
+            raise DotMoeError(f"--method prune --tokens N distills every weight of the pruned model (it has no router "
+                              f"or assignment); trainable {self.trainable!r} does not apply: leave it at auto or full")
+        if self.method == "prune" and self.tokens and self.resume:
+            raise DotMoeError("--method prune --tokens N does not checkpoint (a baseline that trains in one go); "
+                              "start it again with --overwrite instead of --resume")
         if self.init_from and self.method == "prune":
             raise DotMoeError("init_from needs an MoE method; --method prune has no partition to start from")
         if self.tokens is not None and self.tokens < 0:
@@ -206,8 +212,7 @@ class ConvertConfig:
     def _resolve_training(self) -> None:
         """trainable auto, the learning rates left None and eval_every None, from the run's own settings."""
         if self.trainable == "auto":
-            self.trainable = "full" if self.tokens and self.mode == "joint" and self.method != "prune" else \
-                "router+assignment"
+            self.trainable = "full" if self.tokens and self.mode == "joint" else "router+assignment"
         rates = LEARNING_RATES["weights" if self.trains_weights else "router+assignment"]
         for name, value in rates.items():
             if getattr(self, name) is None:
@@ -215,7 +220,7 @@ class ConvertConfig:
         sizes_ok = all(isinstance(v, int) and v >= 1 for v in (self.batch_size, self.grad_accum, self.seq_len))
         steps = self.steps if sizes_ok else 0
         if self.eval_every is None:  # five evaluations in a joint run: the start, every quarter, the end
-            trains = self.mode == "joint" and self.method != "prune" and steps > 0
+            trains = self.mode == "joint" and steps > 0
             self.eval_every = max(1, steps // 4) if trains else 0
         if self.warmup_steps is None:
             self.warmup_steps = max(1, steps // 8) if steps else 0

@@ -4,7 +4,8 @@ Keeps, in every layer, the `shared + (N - shared - drop) * k / E` most important
 on calibration tokens), so the pruned dense FFN has the MoE's active FFN parameter count. Training-free; the
 output is a plain dense checkpoint of the same class with a smaller `intermediate_size`. With `refit_down` (the
 default, as for the MoE methods) the kept down projections are refitted by least squares (dotmoe.refit), which is
-pruning with reconstruction.
+pruning with reconstruction. With `--tokens N` the pruned model is then distilled from the dense one on the same
+tokens with the same loss and schedule as a DOT-MoE training run (dotmoe.distill_dense): pruning + distillation.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _pruned_problem(mlp: nn.Module, kept: list, layer: int):
     return LayerProblem(build, apply)
 
 
-def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None):
+def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress: bool = False):
     """Prune every gated MLP of `prep.model` in place, save it to <out>/model, and write the summary. `precision`: the
     run's `dotmoe.precision.PrecisionChoice` (None: fp32); the model is saved in fp32 either way."""
     from pathlib import Path
@@ -78,13 +79,19 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None):
     out = Path(cfg.out)
     model, n = prep.model, prep.num_neurons
     with torch.no_grad():
-        dense_ppl = dense_perplexity(model, prep.model_path, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
+        dense_ppl = dense_perplexity(model, prep.model_path, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2,
+                                     progress=progress)
     peaks = peaks if peaks is not None else StagePeaks()
     peaks.mark("dense_eval")
     keep = kept_neurons(cfg, n)
+    teacher = None
+    if cfg.steps:  # the dense model, before it is pruned in place
+        from dotmoe.distill_dense import teacher_copy
+
+        teacher = teacher_copy(model)
     converted = cfg.calibrate_on == "converted"  # kept neurons chosen during the refit, on the pruned inputs
     kept = [None] * len(prep.mlps) if converted else \
-        prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep))
+        prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep), progress)
     peaks.mark("calibrate")
     refit_errors = refit_ridges = None
     if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
@@ -98,18 +105,28 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None):
             if cfg.refit_stream else None
         prepare = (lambda i, x: kept.__setitem__(i, prune_keep(prep.mlps[i], x, keep))) if converted else None
         refit_errors, refit_ridges = refit_sequentially(model.get_decoder(), prep.mlps, problems, calib,
-                                                        stream=stream, prepare=prepare)
+                                                        stream=stream, prepare=prepare, progress=progress)
     else:
         for mlp, index in zip(prep.mlps, kept):
             _slice_mlp(mlp, index)
     model.config.intermediate_size = keep
     if refit_errors is not None:
         peaks.mark("refit")
-    with torch.no_grad():
-        ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2)
-    peaks.mark("evaluate")
     prepare_output(out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
     out.mkdir(parents=True, exist_ok=True)
+    trained = None
+    if teacher is not None:
+        from dotmoe.distill_dense import distill_dense
+
+        if precision is not None and precision.dtype != torch.float32:
+            model.to(torch.float32)  # trained weights are fp32 (choose_precision picks fp32 for them anyway)
+        trained = distill_dense(model, teacher, prep.seqs, prep.eval_ids, cfg, out / "train_log.jsonl", progress)
+        teacher = None
+        peaks.mark("train")
+    with torch.no_grad():
+        ppl = perplexity(model, prep.eval_ids, cfg.seq_len, cfg.seq_len // 2, progress=progress,
+                         desc="perplexity (pruned)")
+    peaks.mark("evaluate")
     model_dir = out / "model"
     tmp = out / f".model.tmp-{os.getpid()}"  # written whole, then renamed: a crash never leaves a partial model
     try:
@@ -132,9 +149,13 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None):
         "method": "prune", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "drop": cfg.drop,
         "gating": None,
         "intermediate_size": n, "kept_neurons": keep, "num_layers": len(prep.mlps), "mlp_modules": prep.mlp_names,
-        "base_model": str(prep.model_path.resolve()), "train_tokens": 0, "steps": 0,
-        "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "val_ppl": round(ppl, 4),
-        "dense_val_ppl": round(dense_ppl, 4), "ppl_ratio": round(ppl / dense_ppl, 4), "eval_curve": [],
+        "base_model": str(prep.model_path.resolve()),
+        "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, "steps": cfg.steps,
+        "wall_seconds": round(time.time() - t0, 1),
+        "final_terms": {k: v for k, v in trained.history[-1].items() if k not in ("step", "tokens")}
+        if trained and trained.history else {}, "val_ppl": round(ppl, 4),
+        "dense_val_ppl": round(dense_ppl, 4), "ppl_ratio": round(ppl / dense_ppl, 4),
+        "eval_curve": trained.eval_curve if trained else [], "best_step": trained.best_step if trained else None,
         "config": cfg.to_dict(), "peak_rss_mb": peaks, "stage_seconds": peaks.seconds,
         "precision": "fp32" if precision is None else precision.name, "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
         "refit_ridges": refit_ridges,

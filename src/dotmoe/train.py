@@ -438,10 +438,10 @@ class Prepared:
     def num_neurons(self) -> int:
         return self.mlps[0].gate_proj.out_features
 
-    def map_calibration_inputs(self, cfg: ConvertConfig, fn) -> list:
+    def map_calibration_inputs(self, cfg: ConvertConfig, fn, progress: bool = False) -> list:
         """[fn(i, x_i)] on the dense MLP inputs of `calibration_tokens` tokens of (shuffled) training data, one layer's
         inputs resident at a time (`map_layer_inputs`)."""
-        return map_layer_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg), fn)
+        return map_layer_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg), fn, progress=progress)
 
 
 def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
@@ -561,7 +561,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     if cfg.method == "prune":
         from dotmoe.prune import prune_convert
 
-        return prune_convert(cfg, prep, peaks, precision)
+        return prune_convert(cfg, prep, peaks, precision, progress)
     model, model_path, seqs, eval_ids = prep.model, prep.model_path, prep.seqs, prep.eval_ids
     out = Path(cfg.out)
     mlp_names, mlps, num_neurons = prep.mlp_names, prep.mlps, prep.num_neurons

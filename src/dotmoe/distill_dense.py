@@ -1,0 +1,130 @@
+"""Distillation of a dense student (the pruned model of `--method prune --tokens N`) against the dense teacher.
+
+The strong baseline a user would try first: prune to the MoE's active budget, then train every weight on the same
+tokens, in the same order, with the same loss (forward KL to the teacher + the optional LM term), optimizer (AdamW),
+learning-rate schedule (warmup, cosine decay) and validation schedule as the joint DOT-MoE training
+(`dotmoe.train.convert_joint`), keeping the best validation state. It has no routers or assignment, so it does not
+need convert_joint's machinery; it keeps the best state in memory and does not checkpoint (a pruned run is refused
+with --resume: an interrupted one is started again).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dotmoe.config import ConvertConfig
+from dotmoe.errors import DotMoeError
+from dotmoe.losses import distill_and_lm_loss
+from dotmoe.perplexity import perplexity
+
+
+@dataclass
+class DistillResult:
+    """Validation curve (start included), the step whose state the student ends with, and the per-step records."""
+
+    eval_curve: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def batch_order(cfg: ConvertConfig, num_seqs: int) -> torch.Tensor:
+    """The order of the training sequences: the same permutations (seed + 2) as the joint training's."""
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    epochs = cfg.steps * cfg.batch_size * cfg.grad_accum // num_seqs + 2
+    return torch.cat([torch.randperm(num_seqs, generator=gen) for _ in range(epochs)])
+
+
+def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, eval_ids: torch.Tensor,
+                  cfg: ConvertConfig, log_path: Path | None = None, progress: bool = True) -> DistillResult:
+    """Train every weight of `student` for cfg.steps optimizer steps against the frozen `teacher`; validation
+    perplexity (first cfg.val_tokens of `eval_ids`) at the start and every cfg.eval_every steps. With cfg.keep_best
+    the student ends with the weights of its best validation point."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    teacher.eval().requires_grad_(False)
+    student.requires_grad_(True)
+    if cfg.gradient_checkpointing and getattr(student, "supports_gradient_checkpointing", False):
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr_weights, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    order = batch_order(cfg, len(seqs))
+    result, best = DistillResult(), None
+    log = log_path.open("w") if log_path is not None else None
+
+    def write(record: dict) -> None:
+        result.history.append(record)
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def evaluate(done: int) -> float:
+        nonlocal best
+        with torch.no_grad():
+            ppl = round(perplexity(student.eval(), eval_ids[: cfg.val_tokens], cfg.seq_len, cfg.seq_len // 2), 4)
+        student.train()
+        result.eval_curve.append(ppl)
+        if cfg.keep_best and (best is None or ppl < best[0]):
+            best = (ppl, done, {k: v.detach().clone() for k, v in student.state_dict().items()})
+        return ppl
+
+    try:
+        if cfg.eval_every:
+            write({"step": 0, "tokens": 0, "val_ppl": evaluate(0)})
+        student.train()
+        t0, per_step = time.time(), cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        bar = tqdm(range(cfg.steps), desc="convert (prune + distillation)", unit="step", disable=not progress)
+        for step in bar:
+            terms = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+            for micro in range(cfg.grad_accum):
+                idx = order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
+                batch = seqs[idx]
+                with torch.no_grad():
+                    target = teacher.get_decoder()(input_ids=batch).last_hidden_state if cfg.kl_weight > 0 else None
+                hidden = student.get_decoder()(input_ids=batch).last_hidden_state
+                kl, ce = distill_and_lm_loss(hidden, target, batch, student.get_output_embeddings(),
+                                             cfg.kl_temperature, cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0,
+                                             teacher_head=teacher.get_output_embeddings())
+                loss = cfg.kl_weight * kl + cfg.ce_weight * ce
+                if not torch.isfinite(loss):
+                    raise DotMoeError(f"non-finite loss at step {step + 1} of the pruned model's distillation; "
+                                      "lower --lr-weights or check the data")
+                (loss / cfg.grad_accum).backward()
+                for name, value in (("loss", loss), ("kl", kl), ("ce", ce)):
+                    terms[name] += float(value.detach()) / cfg.grad_accum
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "tokens": (step + 1) * per_step, **{k: round(v, 6) for k, v in terms.items()},
+                      "tokens_per_s": round((step + 1) * per_step / (time.time() - t0), 1)}
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                record["val_ppl"] = evaluate(step + 1)
+            bar.set_postfix(kl=f"{record['kl']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            write(record)
+    finally:
+        if log is not None:
+            log.close()
+    if cfg.gradient_checkpointing and getattr(student, "supports_gradient_checkpointing", False):
+        student.activation_checkpointing_disable()
+    student.eval().requires_grad_(False)
+    if best is not None:
+        result.best_step = best[1]
+        if best[1] != cfg.steps:  # training went past its best validation point: back to it
+            student.load_state_dict(best[2])
+            if progress:
+                print(f"dotmoe: keeping the best validation state, step {best[1]} of {cfg.steps} (val PPL "
+                      f"{best[0]:.3f}; last {result.eval_curve[-1]:.3f})", flush=True)
+    return result
+
+
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of the dense model, taken before it is pruned in place."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
