@@ -61,6 +61,9 @@ RECIPES = {
     "full-high-router-lr": {"trainable": "full", "lr_weights": 3.0e-5, "warmup_steps": 2},
     # the paper's ablation at the defaults: the starting partition frozen (router + every weight train)
     "frozen-assignment": {"lr_affinity": 0.0},
+    # the defaults with an assignment that can move within the run: a one-hot affinity of margin 0.25 (not 1.0) at
+    # rate 0.05, so an entry's lead can be overtaken in ~5 AdamW steps (at the defaults no neuron moves in 16)
+    "moving-assignment": {"lr_affinity": 0.05, "init_scale": 0.25},
     # baselines trained the same way (defaults): pruning to the same active budget + the same distillation (its
     # own training-free prune, then `--tokens`), and the random split (from its own training-free start)
     "prune-distill": {"method": "prune"},

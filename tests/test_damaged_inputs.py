@@ -134,3 +134,28 @@ def test_resume_refuses_data_files_that_changed(joint_reference, tmp_path, capsy
     before = tree(tmp_path / "o")
     line = cli_error(argv + ["--resume"], capsys)
     assert "the data files changed since" in line and tree(tmp_path / "o") == before
+
+
+def test_weight_hashes_are_remembered_across_processes_by_size_and_modification_time(tmp_path, monkeypatch):
+    """A large weight file is hashed once: the next process reads its sha256 from the cache while the file's size
+    and modification time are unchanged, and hashes it again once either changes."""
+    import hashlib
+    import os
+
+    from dotmoe import run_dir
+
+    monkeypatch.setenv("DOTMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(run_dir, "HASH_CACHE_MIN_BYTES", 0)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 1000)
+    first = run_dir.file_sha256(f)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert (tmp_path / "cache" / "sha256.json").is_file()
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)  # same size; the modification time put back: the cache cannot tell
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    run_dir._sha256.cache_clear()  # a new process
+    assert run_dir.file_sha256(f) == first  # from the cache, not from the bytes
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    run_dir._sha256.cache_clear()
+    assert run_dir.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()

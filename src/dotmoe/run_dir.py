@@ -49,13 +49,47 @@ PREVIOUS = ".dotmoe-previous"  # the result an --overwrite run replaces, until t
 INTERNAL = frozenset((LOCK, PREVIOUS))
 
 
+HASH_CACHE_MIN_BYTES = 64 * 2**20  # smaller files are rehashed (faster than a cache lookup is worth)
+
+
+def _hash_cache_file() -> Path:
+    from dotmoe.gguf_input import cache_root
+
+    return cache_root() / "sha256.json"
+
+
 @functools.lru_cache(maxsize=256)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, remembered per (path, size, modification time) in this process and, for large files, in
+    `<dotmoe cache>/sha256.json` across processes: the dense weights a conversion records (14 GB for a 7B model)
+    are then read once, not again by every eval and export (the check a file's size and modification time give,
+    as git's index does)."""
+    key = f"{path}|{size}|{mtime_ns}"
+    cache = _hash_cache_file() if size >= HASH_CACHE_MIN_BYTES else None
+    known = {}
+    if cache is not None:
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known, dict) and isinstance(known.get(key), str):
+            return known[key]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
             digest.update(chunk)
-    return digest.hexdigest()
+    value = digest.hexdigest()
+    if cache is not None:
+        known = known if isinstance(known, dict) else {}
+        known[key] = value
+        try:  # best effort: a cache that cannot be written costs only the next read
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return value
 
 
 def file_sha256(path: str | Path) -> str:
