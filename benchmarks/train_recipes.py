@@ -8,8 +8,12 @@ partition, routers and refitted down projections, so each curve starts at exactl
 bundled Wikipedia train split, with the validation perplexity (Wikipedia validation split) measured at the start and
 every `--eval-every` steps; the run keeps its best validation state (`keep_best`). Afterwards each run is scored on
 held-out test text it never saw in any choice: the first 8,192 tokens of the Wikipedia test split and 4,096 of the
-Python-docs test split. Runs go to `--runs`; a finished run is not redone. `--jobs 2` runs two recipes at once with
-one thread each (quality only: their tokens/s are then per core, and the two share memory bandwidth).
+Python-docs test split. Runs go to `--runs` (`<recipe>`, `<recipe>__t<tokens>` for other than 32,768 tokens,
+`__seed<N>` for other seeds); a finished run is not redone, and one stopped with a checkpoint (every
+`--checkpoint-every` steps; e.g. a session's end) is resumed exactly by the next invocation. `--jobs 2` runs two
+recipes at once with one thread each (quality only: their tokens/s are then per core, and the two share memory
+bandwidth). The baselines train the same way: `prune-distill` prunes to the same active budget (its own
+training-free prune) and distils every weight; `random` trains from its own training-free random split.
 
 Results: `benchmarks/results/train_recipes_<model>_c<calib tokens>.md` (+ `.json`, + `_val_curve.png`).
 """
@@ -78,6 +82,11 @@ def start_name(recipe: str) -> str | None:
     return None if method == "prune" else "start" if method == "dotmoe" else f"start-{method}"
 
 
+def run_name(recipe: str, tokens: int, seed: int) -> str:
+    """A run's directory name: the recipe, then `__t<tokens>` off the 32,768-token default, `__seed<N>` off seed 0."""
+    return recipe + (f"__t{tokens}" if tokens != 32768 else "") + (f"__seed{seed}" if seed else "")
+
+
 def convert_cmd(model: Path, out: Path, tokens: int, calib: int, eval_tokens: int, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "dotmoe.cli", "convert", "--model", str(model), "--experts", "8", "--top-k", "2",
             "--tokens", str(tokens), "--calib-tokens", str(calib), "--eval-tokens", str(eval_tokens),
@@ -95,10 +104,22 @@ def run(cmd: list[str], log: Path, threads: int) -> float:
 
 
 def score(out: Path) -> dict:
+    """Test scores of a finished run, remembered beside it (`<run>.scores.json`, keyed by its record's sha256):
+    a report rescoring every run took ~3 minutes per run on 2 cores."""
     from real_models import score as score_run
 
-    method = json.loads((out / "dotmoe_meta.json").read_text())["method"]
-    return score_run(out, "prune" if method == "prune" else "dotmoe", 8192, cloze=False)
+    from dotmoe.run_dir import file_sha256
+
+    meta_file = out / "dotmoe_meta.json"
+    key, cached = file_sha256(meta_file), out.parent / f"{out.name}.scores.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text())
+        if saved.get("meta_sha256") == key:
+            return saved["scores"]
+    method = json.loads(meta_file.read_text())["method"]
+    scores = score_run(out, "prune" if method == "prune" else "dotmoe", 8192, cloze=False)
+    cached.write_text(json.dumps({"meta_sha256": key, "scores": scores}))
+    return scores
 
 
 def record(name: str, out: Path, wall: float | None) -> dict:
@@ -107,7 +128,8 @@ def record(name: str, out: Path, wall: float | None) -> dict:
         if (out / "train_log.jsonl").is_file() else []
     curve = [(r["tokens"], r["val_ppl"]) for r in log if "val_ppl" in r]
     speeds = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
-    return {"recipe": name, "config": RECIPES.get(name, {}), "train_tokens": meta["train_tokens"],
+    return {"recipe": name, "config": RECIPES.get(name.split("__")[0], {}), "train_tokens": meta["train_tokens"],
+            "seed": meta["config"]["seed"],
             "val_curve": curve, "best_step": meta.get("best_step"), "final_val_ppl": meta["val_ppl"],
             "dense_val_ppl": meta["dense_val_ppl"], "tokens_per_s": speeds[-1] if speeds else None, "wall_s": wall,
             **score(out)}
@@ -117,20 +139,21 @@ def render(model: str, records: list[dict], dense: dict, args) -> str:
     lines = [f"# Training recipes on {model}: E=8 / k=2 (25% of the FFN active)", "",
              f"`python benchmarks/train_recipes.py --model {model} ...` (module docstring); machine: 2 CPU cores (AMD "
              "EPYC, AVX2), torch 2.13.0+cpu. Start: a training-free conversion with "
-             f"{args.calib_tokens:,} calibration tokens; every recipe trains {args.tokens:,} tokens from it "
+             f"{args.calib_tokens:,} calibration tokens; every recipe trains the tokens of its row from it "
              f"(batch 8 x 256) and keeps its best validation state (validation: first {args.eval_tokens:,} tokens "
              "of the Wikipedia validation split, at the start and every "
              f"{args.eval_every} steps). Test: first 8,192 tokens of the Wikipedia test split (dense PPL "
              f"{dense['wiki_test_ppl']}) and 4,096 of the Python-docs test split (dense {dense['pydocs_test_ppl']}).",
-             "", "| recipe | tokens | val PPL: start -> each evaluation | best step | wiki test PPL | ratio | pydocs "
-             "test PPL | tok/s |", "|---|---|---|---|---|---|---|---|"]
+             "", "| recipe | tokens | seed | val PPL: start -> each evaluation | best step | wiki test PPL | ratio | "
+             "pydocs test PPL | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         curve = " -> ".join(f"{p:.1f}" for _, p in r["val_curve"]) or "-"
-        lines.append(f"| {r['recipe']} | {r['train_tokens']:,} | {curve} | {r['best_step']} | "
+        lines.append(f"| {r['recipe']} | {r['train_tokens']:,} | {r['seed']} | {curve} | {r['best_step']} | "
                      f"{r['wiki_test_ppl']:.2f} | {r['wiki_test_ppl'] / dense['wiki_test_ppl']:.2f} | "
                      f"{r['pydocs_test_ppl']:.2f} | {r['tokens_per_s'] or ''} |")
     lines += ["", "Recipes (ConvertConfig overrides; everything else at the defaults):", ""]
-    lines += [f"- `{r['recipe']}`: `{json.dumps(r['config'])}`" for r in records if r["recipe"] != "start"]
+    lines += [f"- `{r}`: `{json.dumps(RECIPES[r])}`" for r in dict.fromkeys(x["recipe"].split("__")[0] for x in records)
+              if r != "start"]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +183,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--runs", default="out/train_recipes")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every recipe run (data order; the "
+                        "start is the same): a seed other than 0 writes its runs as <recipe>-seed<N>")
+    parser.add_argument("--checkpoint-every", type=int, default=8, help="steps between checkpoints (a stopped "
+                        "run is resumed by the next invocation)")
     parser.add_argument("--jobs", type=int, default=1, help="recipes run at once (threads: 2 // jobs each)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
     args = parser.parse_args()
@@ -177,14 +204,18 @@ def main() -> None:
             run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, ["--overwrite", *method]),
                 runs / f"{name}.log", 2)
 
-    def one(name: str) -> None:
+    def one(recipe: str) -> None:
+        name = run_name(recipe, args.tokens, args.seed)
         out = runs / name
         if (out / "COMPLETE").is_file():
             return
         cfg = runs / f"{name}.yaml"
-        cfg.write_text(yaml.safe_dump(RECIPES[name]))
-        origin = ["--init-from", str(runs / start_name(name))] if start_name(name) else []
-        extra = [*origin, "--config", str(cfg), "--eval-every", str(args.eval_every), "--overwrite"]
+        cfg.write_text(yaml.safe_dump({**RECIPES[recipe], "seed": args.seed}))
+        origin = ["--init-from", str(runs / start_name(recipe))] if start_name(recipe) else []
+        # a run stopped with a checkpoint (e.g. at a session's end) continues exactly where it stopped
+        again = "--resume" if (out / "checkpoint.pt").is_file() else "--overwrite"
+        extra = [*origin, "--config", str(cfg), "--eval-every", str(args.eval_every), again,
+                 "--checkpoint-every", str(args.checkpoint_every)]
         wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, extra),
                    runs / f"{name}.log", max(1, 2 // args.jobs))
         (runs / f"{name}.wall_s").write_text(str(wall))  # beside the run: its directory holds only dotmoe's files
@@ -192,14 +223,19 @@ def main() -> None:
     if not args.report:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(one, args.recipes))
-    dense = dense_scores(model, 8192, cloze=False)
+    from dotmoe.artifacts import base_fingerprint
+
+    dense_file, key = runs / "dense.scores.json", base_fingerprint(model)
+    saved = json.loads(dense_file.read_text()) if dense_file.is_file() else {}
+    dense = saved["scores"] if saved.get("fingerprint") == key else dense_scores(model, 8192, cloze=False)
+    dense_file.write_text(json.dumps({"fingerprint": key, "scores": dense}))
     records = [record("start", start, None)]
-    for name in RECIPES:
+    finished = sorted(p.name for p in runs.iterdir() if (p / "COMPLETE").is_file() and p.name.split("__")[0] in RECIPES)
+    for name in sorted(finished, key=lambda n: (list(RECIPES).index(n.split("__")[0]), n)):
         out = runs / name
-        if (out / "COMPLETE").is_file():
-            walls = [p for p in (runs / f"{name}.wall_s", out / "wall_s.txt") if p.is_file()]
-            wall = float(walls[0].read_text()) if walls else None
-            records.append(record(name, out, wall))
+        walls = [p for p in (runs / f"{name}.wall_s", out / "wall_s.txt") if p.is_file()]
+        wall = float(walls[0].read_text()) if walls else None
+        records.append(record(name, out, wall))
     stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}"
     stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))
     stem.with_suffix(".md").write_text(render(Path(args.model).name, records, dense, args))

@@ -54,8 +54,9 @@ class ConvertConfig:
     gating: str = "softmax"
     # training tokens; 0 = training-free (partition, router init and refit only). None (default): training-free in
     # the joint mode, while --mode layerwise trains layer_steps per layer (--tokens 0 makes it training-free too).
-    # Measured on SmolLM2-135M at 25% active: every trained joint variant at 61,440 tokens (router+assignment,
-    # router only, FFN weights) ended 8-16% worse than training-free (benchmarks/results/real_models.md)
+    # Training pays since every weight trains (SmolLM2-135M at 25% active, from the default 65,536-token start:
+    # wiki test ratio 5.03 -> 3.19 after 32,768 tokens, benchmarks/results/train_recipes_*_c65536.md), but costs
+    # ~30-50 minutes per 32k tokens on 2 CPU cores, so it stays opt-in
     tokens: int | None = None
     seq_len: int = 256
     batch_size: int = 8
