@@ -112,3 +112,46 @@ def test_task_dir_problems_are_named_before_the_evaluation(tmp_path, capsys):
     assert "is both a bundled task and defined in --task-dir" in line
     line = cli_error(base + ["other", "--task-dir", str(tasks)], capsys)
     assert f"--task-dir {tasks} defines ['pydoc_cloze']" in line and not (tmp_path / "r.json").exists()
+
+
+def test_bench_speed_says_which_model_is_not_what_it_needs(tmp_path, capsys):
+    """--moe a dense model, --dense an MoE, a custom-class export without --trust-remote-code: one line each,
+    before any model loads."""
+    from test_export import fake_conversion, save_tiny
+
+    from dotmoe.export import export
+
+    dense = save_tiny("llama", tmp_path / "dense")
+    conv = fake_conversion(dense, tmp_path / "conv", experts=4, top_k=1)
+    export(conv, tmp_path / "moe", check_tokens=0, progress=False)
+    custom = fake_conversion(dense, tmp_path / "conv2", experts=4, top_k=2, gating="mask")
+    assert export(custom, tmp_path / "custom", check_tokens=0, progress=False).plan.custom
+
+    def bench(d, m):
+        return cli_error(["bench", "speed", "--dense", str(d), "--moe", str(m), "--batch", "1", "--prompt", "8",
+                          "--new-tokens", "2", "--runs", "1"], capsys)
+
+    assert f"--moe {dense} has no experts in its config.json (a dense or pruned model)" in bench(dense, dense)
+    assert f"--dense {tmp_path / 'moe'} is an MoE (4 experts)" in bench(tmp_path / "moe", tmp_path / "moe")
+    assert "custom-class export" in bench(dense, tmp_path / "custom") and "--trust-remote-code" in bench(
+        dense, tmp_path / "custom")
+
+
+def test_a_task_whose_label_exceeds_its_choices_is_one_line(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    import json
+
+    from dotmoe.paths import reference_model_dir
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                     f"    test: {tasks / 'mine.jsonl'}\noutput_type: multiple_choice\n"
+                                     "test_split: test\ndoc_to_text: '{{context}}'\ndoc_to_target: label\n"
+                                     "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n")
+    docs = [{"context": "The cat sat on the", "choices": [" mat", " moon"], "label": 5}] * 2
+    (tasks / "mine.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    line = cli_error(["eval", "--model", str(reference_model_dir()), "--out", str(tmp_path / "r.json"), "--tasks",
+                      "mine", "--task-dir", str(tasks)], capsys)
+    assert "lm-eval could not score task(s) mine" in line and "doc_to_target" in line
+    assert not (tmp_path / "r.json").exists()

@@ -187,7 +187,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
     from dotmoe.gguf_input import resolve_model
 
     dense, moe = resolve_model(args.dense), resolve_model(args.moe)  # a .gguf: its dequantized HF directory
-    check_pair(dense, moe, args.prompt, args.new_tokens)
+    check_pair(dense, moe, args.prompt, args.new_tokens, args.trust_remote_code)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench_pair(dense, moe, batches, args.prompt, args.new_tokens, args.runs,

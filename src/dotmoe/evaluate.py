@@ -223,8 +223,14 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], task_dir: str = "",
         raise DotMoeError("lm-eval is not installed: pip install 'dotmoe[eval]'") from exc
     specs, manager = resolve_tasks(tasks, task_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=False,
-                              bootstrap_iters=0)["results"]
+    try:
+        results = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=False,
+                                  bootstrap_iters=0)["results"]
+    except (IndexError, KeyError, TypeError) as exc:  # the task's own data: e.g. a label beyond its choices
+        where = f" (from --task-dir {task_dir})" if task_dir else ""
+        raise DotMoeError(f"lm-eval could not score task(s) {', '.join(tasks)}{where}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'no message'}; check that each document's "
+                          "doc_to_target is a valid index into its doc_to_choice") from exc
     return {name: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, float)} for name, r in results.items()}
 
 

@@ -93,9 +93,18 @@ def _dtype_size(name: str) -> int:
     return {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4}.get(name, 4)
 
 
-def check_pair(dense_dir: str | Path, moe_dir: str | Path, prompt: int, new_tokens: int) -> None:
-    """Both are model directories, the MoE has the dense model's layer count, hidden size and vocabulary (it was
-    converted from it), and prompt + new tokens fit both models' context."""
+def _experts(config: dict) -> int | None:
+    """The expert count a model's config.json declares (stock MoE keys, or the dotmoe custom class's), else None."""
+    own = config.get("dotmoe")
+    return config.get("num_local_experts") or config.get("num_experts") or \
+        (own.get("experts") if isinstance(own, dict) else None)
+
+
+def check_pair(dense_dir: str | Path, moe_dir: str | Path, prompt: int, new_tokens: int,
+               trust_remote_code: bool = False) -> None:
+    """Both are model directories, --moe is an MoE (and its custom class is allowed to run when it has one) and
+    --dense is not, the MoE has the dense model's layer count, hidden size and vocabulary (it was converted from
+    it), and prompt + new tokens fit both models' context."""
     from dotmoe.architecture import check_model_dir
     from dotmoe.errors import DotMoeError
     from dotmoe.guards import check_seq_len
@@ -105,6 +114,15 @@ def check_pair(dense_dir: str | Path, moe_dir: str | Path, prompt: int, new_toke
         check_model_dir(d)
         configs[flag] = json.loads((Path(d) / "config.json").read_text())
         check_seq_len(prompt + new_tokens, configs[flag], f"{flag} {d}: --prompt + --new-tokens")
+    if not _experts(configs["--moe"]):
+        raise DotMoeError(f"--moe {moe_dir} has no experts in its config.json (a dense or pruned model): bench speed "
+                          "times an MoE export (dotmoe convert / export) against the dense model it came from")
+    if _experts(configs["--dense"]):
+        raise DotMoeError(f"--dense {dense_dir} is an MoE ({_experts(configs['--dense'])} experts): pass the dense "
+                          "model the MoE was converted from")
+    if "auto_map" in configs["--moe"] and not trust_remote_code:
+        raise DotMoeError(f"--moe {moe_dir} is a custom-class export (its own modeling code, auto_map in "
+                          "config.json); pass --trust-remote-code to run that code")
     keys = ("num_hidden_layers", "hidden_size", "vocab_size")
     diff = [f"{k} {configs['--dense'].get(k)} vs {configs['--moe'].get(k)}" for k in keys
             if configs["--dense"].get(k) != configs["--moe"].get(k)]
