@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dotmoe.perplexity import perplexity
+from dotmoe.run_dir import read_json_cache, write_json_cache
 
 
 def cache_file() -> Path:
@@ -44,11 +45,7 @@ def _key(model_dir: Path, ids: torch.Tensor, max_len: int, stride: int, dtype: t
 
 
 def _read() -> dict:
-    try:
-        data = json.loads(cache_file().read_text())
-    except (OSError, ValueError):
-        return {}  # none yet, unreadable or damaged: recompute
-    return data if isinstance(data, dict) else {}
+    return read_json_cache(cache_file())
 
 
 def dense_perplexity(model, model_dir: str | Path, ids: torch.Tensor, max_len: int, stride: int,
@@ -63,14 +60,5 @@ def dense_perplexity(model, model_dir: str | Path, ids: torch.Tensor, max_len: i
     if isinstance(hit, float):
         return hit
     ppl = perplexity(model, ids, max_len, stride, progress=progress)
-    data = _read()
-    data[key] = ppl
-    path = cache_file()
-    try:  # written whole, then renamed; a cache that cannot be written only costs the recomputation next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    write_json_cache(cache_file(), {**_read(), key: ppl})
     return ppl

@@ -66,30 +66,37 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     as git's index does)."""
     key = f"{path}|{size}|{mtime_ns}"
     cache = _hash_cache_file() if size >= HASH_CACHE_MIN_BYTES else None
-    known = {}
-    if cache is not None:
-        try:
-            known = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if isinstance(known, dict) and isinstance(known.get(key), str):
-            return known[key]
+    if cache is not None and isinstance(hit := read_json_cache(cache).get(key), str):
+        return hit
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
             digest.update(chunk)
     value = digest.hexdigest()
     if cache is not None:
-        known = known if isinstance(known, dict) else {}
-        known[key] = value
-        try:  # best effort: a cache that cannot be written costs only the next read
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, cache)
-        except OSError:
-            pass
+        write_json_cache(cache, {**read_json_cache(cache), key: value})
     return value
+
+
+def read_json_cache(path: Path) -> dict:
+    """A JSON cache file's mapping; {} when there is none yet, or it is unreadable or damaged (recompute)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_cache(path: Path, data: dict) -> None:
+    """Write a JSON cache file whole, then rename it into place; best effort: a cache that cannot be written costs
+    only the recomputation next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def file_sha256(path: str | Path) -> str:
