@@ -138,7 +138,7 @@ def test_pruning_plus_distillation_starts_at_the_pruned_model_and_distills_again
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from dotmoe.distill_dense import batch_order
+    from dotmoe.data import batch_order
     from dotmoe.paths import default_data_file, reference_model_dir
     from dotmoe.train import prepare
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -160,3 +161,11 @@ def pack_sequences(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     if n == 0:
         raise DotMoeError(f"data too short: {len(ids)} tokens, need at least seq_len={seq_len}")
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def batch_order(cfg, num_seqs: int) -> torch.Tensor:
+    """The order in which a training run (joint DOT-MoE or pruning + distillation) takes its `num_seqs` packed
+    sequences: fresh permutations from seed + 2, enough of them for every step."""
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    epochs = math.ceil(cfg.steps * cfg.batch_size * cfg.grad_accum / num_seqs) + 1
+    return torch.cat([torch.randperm(num_seqs, generator=gen) for _ in range(epochs)])

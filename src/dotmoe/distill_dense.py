@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dotmoe.config import ConvertConfig
+from dotmoe.data import batch_order
 from dotmoe.errors import DotMoeError
 from dotmoe.losses import distill_and_lm_loss
 from dotmoe.perplexity import perplexity
@@ -33,13 +34,6 @@ class DistillResult:
     eval_curve: list[float] = field(default_factory=list)
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
-
-
-def batch_order(cfg: ConvertConfig, num_seqs: int) -> torch.Tensor:
-    """The order of the training sequences: the same permutations (seed + 2) as the joint training's."""
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    epochs = cfg.steps * cfg.batch_size * cfg.grad_accum // num_seqs + 2
-    return torch.cat([torch.randperm(num_seqs, generator=gen) for _ in range(epochs)])
 
 
 def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, eval_ids: torch.Tensor,

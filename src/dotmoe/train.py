@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import math
 import os
 import random
 import sys
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from dotmoe.architecture import find_gated_mlps, load_causal_lm
 from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
-from dotmoe.data import load_texts, pack_sequences, tokenize_stream
+from dotmoe.data import batch_order, load_texts, pack_sequences, tokenize_stream
 from dotmoe.dense_ppl_cache import dense_perplexity
 from dotmoe.errors import DotMoeError, Interrupted, write_failure
 from dotmoe.guards import (BEST_STATE, CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
@@ -622,9 +621,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     preflight(out, cfg, model)
     ckpt_path = out / CHECKPOINT
     log_path = out / "train_log.jsonl"
-    order_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    epochs = math.ceil(cfg.steps * cfg.batch_size * cfg.grad_accum / len(seqs)) + 1
-    order = torch.cat([torch.randperm(len(seqs), generator=order_gen) for _ in range(epochs)])
+    order = batch_order(cfg, len(seqs))  # the same for pruning + distillation (dotmoe.distill_dense)
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
