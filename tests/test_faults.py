@@ -184,6 +184,18 @@ def test_unwritable_or_full_output_fails_before_training_and_leaves_nothing(tiny
     with pytest.raises(DotMoeError, match="not enough disk space"):
         convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full_disk"), progress=False)
     assert not (tmp_path / "full_disk").exists()
+    # pruning (+ distillation) checks the same before it distils or saves
+    trained = {}
+
+    def no_distillation(*args, **kwargs):
+        trained["ran"] = True
+
+    import dotmoe.distill_dense
+
+    monkeypatch.setattr(dotmoe.distill_dense, "distill_dense", no_distillation)
+    with pytest.raises(DotMoeError, match="not enough disk space"):
+        convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full_prune", method="prune"), progress=False)
+    assert not (tmp_path / "full_prune").exists() and not trained
 
 
 def _cli_error(argv, capsys):

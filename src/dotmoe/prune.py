@@ -113,7 +113,9 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
     if refit_errors is not None:
         peaks.mark("refit")
     prepare_output(out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
-    out.mkdir(parents=True, exist_ok=True)
+    from dotmoe.train import preflight
+
+    preflight(out, cfg, model, checkpoints=False)  # writable, with room for the model, before any distillation
     trained = None
     if teacher is not None:
         from dotmoe.distill_dense import distill_dense

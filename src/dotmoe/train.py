@@ -394,8 +394,9 @@ def _bad_terms(terms: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v).all()] or ["loss"]
 
 
-def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> None:
-    """Before training: the output directory is writable and its disk has room for checkpoints + export.
+def preflight(out: Path, cfg: ConvertConfig, model: nn.Module, checkpoints: bool = True) -> None:
+    """Before training: the output directory is writable and its disk has room for checkpoints + export
+    (`checkpoints` False: a run that writes none, --method prune, needs room for its fp32 model only).
 
     A directory created here is removed again when the check fails, so bad output paths leave nothing.
     """
@@ -410,8 +411,10 @@ def preflight(out: Path, cfg: ConvertConfig, model: nn.Module) -> None:
             shutil.rmtree(out, ignore_errors=True)
         raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    checkpoint = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 params + 2 AdamW moments
-    trained = weights if cfg.trainable != "router+assignment" else 0  # trained dense weights are saved too
+    if not checkpoints:  # saved in fp32 whatever it computed in
+        weights = 4 * sum(p.numel() for p in model.parameters())
+    checkpoint = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad) if checkpoints else 0  # fp32 params + 2 AdamW moments
+    trained = weights if cfg.trainable != "router+assignment" and checkpoints else 0  # trained dense weights are saved too
     need = int(1.1 * (checkpoint + weights + trained)) + 64 * 1024**2
     free = shutil.disk_usage(out).free
     if free < need:
