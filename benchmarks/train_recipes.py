@@ -72,6 +72,8 @@ RECIPES = {
     # own training-free prune, then `--tokens`), and the random split (from its own training-free start)
     "prune-distill": {"method": "prune"},
     "random": {"method": "random"},
+    # the clustering baseline (k-means of the hidden states as the router, its own training-free start)
+    "hidden-kmeans-router": {"method": "hidden-kmeans-router"},
 }
 
 
@@ -87,8 +89,9 @@ def run_name(recipe: str, tokens: int, seed: int) -> str:
     return recipe + (f"__t{tokens}" if tokens != 32768 else "") + (f"__seed{seed}" if seed else "")
 
 
-def convert_cmd(model: Path, out: Path, tokens: int, calib: int, eval_tokens: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "dotmoe.cli", "convert", "--model", str(model), "--experts", "8", "--top-k", "2",
+def convert_cmd(model: Path, out: Path, tokens: int, calib: int, eval_tokens: int, top_k: int,
+                extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "dotmoe.cli", "convert", "--model", str(model), "--experts", "8", "--top-k", str(top_k),
             "--tokens", str(tokens), "--calib-tokens", str(calib), "--eval-tokens", str(eval_tokens),
             "--export-format", "none", "--out", str(out), *extra]
 
@@ -136,7 +139,7 @@ def record(name: str, out: Path, wall: float | None) -> dict:
 
 
 def render(model: str, records: list[dict], dense: dict, args) -> str:
-    lines = [f"# Training recipes on {model}: E=8 / k=2 (25% of the FFN active)", "",
+    lines = [f"# Training recipes on {model}: E=8 / k={args.top_k} ({args.top_k / 8:.0%} of the FFN active)", "",
              f"`python benchmarks/train_recipes.py --model {model} ...` (module docstring); machine: 2 CPU cores (AMD "
              "EPYC, AVX2), torch 2.13.0+cpu. Start: a training-free conversion with "
              f"{args.calib_tokens:,} calibration tokens; every recipe trains the tokens of its row from it "
@@ -179,6 +182,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="smollm2-135m-instruct | gemma-3-270m | a local HF model directory")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token of 8 (2: 25%% of the FFN active, "
+                        "4: 50%%); runs and results of k other than 2 are named with _k<N>")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--eval-every", type=int, default=4)
@@ -194,14 +199,15 @@ def main() -> None:
     from real_models import dense_scores, model_dir
 
     model = model_dir(args.model)
-    runs = Path(args.runs) / Path(args.model).name
+    suffix = f"_k{args.top_k}" if args.top_k != 2 else ""
+    runs = Path(args.runs) / (Path(args.model).name + suffix)
     runs.mkdir(parents=True, exist_ok=True)
     start = runs / "start"
     starts = {start_name(r) for r in args.recipes} | {"start"}
     for name in sorted(starts - {None}):
         if not args.report and not (runs / name / "COMPLETE").is_file():
             method = ["--method", name.removeprefix("start-")] if name != "start" else []
-            run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, ["--overwrite", *method]),
+            run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, args.top_k, ["--overwrite", *method]),
                 runs / f"{name}.log", 2)
 
     def one(recipe: str) -> None:
@@ -216,7 +222,7 @@ def main() -> None:
         again = "--resume" if (out / "checkpoint.pt").is_file() else "--overwrite"
         extra = [*origin, "--config", str(cfg), "--eval-every", str(args.eval_every), again,
                  "--checkpoint-every", str(args.checkpoint_every)]
-        wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, extra),
+        wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, args.top_k, extra),
                    runs / f"{name}.log", max(1, 2 // args.jobs))
         (runs / f"{name}.wall_s").write_text(str(wall))  # beside the run: its directory holds only dotmoe's files
 
@@ -236,7 +242,7 @@ def main() -> None:
         walls = [p for p in (runs / f"{name}.wall_s", out / "wall_s.txt") if p.is_file()]
         wall = float(walls[0].read_text()) if walls else None
         records.append(record(name, out, wall))
-    stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}"
+    stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))
     stem.with_suffix(".md").write_text(render(Path(args.model).name, records, dense, args))
     plot(records, stem.parent / f"{stem.name}_val_curve.png")
