@@ -59,6 +59,25 @@ def test_demo_refuses_results_it_did_not_write_before_any_work(tmp_path, capsys)
     assert tree(tmp_path) == before and not (tmp_path / "dotmoe").exists() and time.time() - started < 60
 
 
+def test_demo_passes_its_token_options_on(tmp_path, capsys, monkeypatch):
+    import dotmoe.train
+    from dotmoe.errors import DotMoeError
+
+    seen = []
+
+    def stop(cfg, **kwargs):
+        seen.append(cfg)
+        raise DotMoeError("stopped by the test")
+
+    monkeypatch.setattr(dotmoe.train, "convert", stop)
+    assert "stopped by the test" in cli_error(["demo", "--out", str(tmp_path / "d"), "--tokens", "4096",
+                                               "--eval-tokens", "2048", "--calib-tokens", "1024"], capsys)
+    assert (seen[0].tokens, seen[0].eval_tokens, seen[0].calib_tokens, seen[0].method) == (4096, 2048, 1024, "dotmoe")
+    seen.clear()
+    cli_error(["demo", "--out", str(tmp_path / "e")], capsys)  # unset: the conversion's own defaults
+    assert (seen[0].eval_tokens, seen[0].calib_tokens) == (32768, None)
+
+
 def test_every_output_is_checked_against_every_input(joint_reference, tiny_llama_dir, tmp_path, capsys):
     model = _copy(tiny_llama_dir, tmp_path / "model")
     before = tree(model)

@@ -221,12 +221,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from dotmoe.guards import check_convert_output
 
-    base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every, overwrite=args.overwrite)
+    given = {k: getattr(args, k) for k in ("eval_tokens", "calib_tokens") if getattr(args, k) is not None}
+    base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every, overwrite=args.overwrite, **given)
     runs = [replace(base, method=m, out=str(Path(args.out) / m)) for m in ("dotmoe", "random")]
     for cfg in runs:  # both outputs before the first run: never refused after minutes of work
         check_convert_output(cfg)
     out_dirs = [convert(cfg).out_dir for cfg in runs]
-    header = (f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}` on {platform.machine()}, "
+    options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items())
+    header = (f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}{options}` on {platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     text = demo_report(out_dirs, header)
     print("\n" + text)
