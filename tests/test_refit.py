@@ -339,3 +339,15 @@ def test_refit_after_training_is_an_option(tmp_path, refit_calls):
                           progress=False).summary
     assert calls == [True, True, False]
     assert once["val_ppl"] != twice["val_ppl"]
+
+
+def test_a_refit_without_one_ffn_per_layer_is_a_clear_error(tiny_llama_dir):
+    from dotmoe.errors import DotMoeError
+
+    torch.manual_seed(0)
+    model, moes = _tiny_moe_model(tiny_llama_dir, lambda layer, n: torch.arange(n) % 4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = [m.dense.down_proj.weight.clone() for m in moes]
+    with pytest.raises(DotMoeError, match="1 FFN modules for 2 decoder layers"):
+        refit_sequentially(model.get_decoder(), moes[:1], [moe_problem(m) for m in moes[:1]], ids)
+    assert all(torch.equal(m.dense.down_proj.weight, b) for m, b in zip(moes, before))

@@ -189,7 +189,10 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
     problem is built, e.g. to choose that layer's partition and router on them (one more pass over the layer)."""
     runner = LayerRunner(decoder, calib_ids, chunk)
     if len(modules) != len(runner):
-        raise ValueError(f"{len(modules)} FFN modules for {len(runner)} decoder layers")
+        from dotmoe.errors import DotMoeError
+
+        raise DotMoeError(f"{len(modules)} FFN modules for {len(runner)} decoder layers: the refit needs one gated "
+                          "FFN per decoder layer")
     cut = _holdout_cut(calib_ids.numel(), HOLDOUT_FRACTION)
     errors: list[float] = [float("nan")] * len(modules)
     ridges: list[float] = [float("nan")] * len(modules)
