@@ -239,3 +239,12 @@ def test_bad_models_are_one_clear_line_and_write_nothing(tiny_llama_dir, tiny_te
         ["convert", "--model", str(tiny_llama_dir), "--data", str(empty), "--out", str(tmp_path / "o4")], capsys)
     assert "--experts must be >= 2" in _cli_error(base + ["--experts", "1", "--out", str(tmp_path / "o5")], capsys)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+@pytest.mark.parametrize("flags", [["--refit-down"], ["--refit-stream", "0.5"], ["--refit-after-training"]])
+def test_layerwise_refuses_refit_options_it_would_ignore(flags, tiny_llama_dir, tiny_text, tmp_path, capsys):
+    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, tmp_path / "lw", mode="layerwise", layer_steps=2)
+    line = _cli_error(argv + flags, capsys)
+    assert "--mode layerwise" in line and flags[0] in line and "joint mode only" in line
+    assert not (tmp_path / "lw").exists()
+    assert main(argv + ["--no-refit-down"]) == 0  # what it does anyway: accepted

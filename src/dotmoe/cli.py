@@ -90,6 +90,12 @@ def build_convert_config(args: argparse.Namespace):
     values = load_yaml_config(args.config) if args.config else {}
     names = {f.name for f in fields(ConvertConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    refits = [k for k in ("refit_down", "refit_before_training", "refit_after_training", "refit_stream") if values.get(k)]
+    if values.get("mode") == "layerwise" and refits:  # the fields' defaults say nothing; a user's request must
+        from dotmoe.errors import DotMoeError
+
+        raise DotMoeError(f"--mode layerwise trains each layer's FFN itself and has no down-projection refit: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in refits)} apply to the joint mode only")
     return ConvertConfig(**values)
 
 
