@@ -43,8 +43,11 @@ def cpu_bf16_flags() -> list[str]:
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int] = _PROBE_SHAPE,
-                  min_seconds: float = 0.02) -> float:
-    """Measured GFLOPS of one [m, k] @ [k, n] matmul in `dtype` on `device` (repeated for at least `min_seconds`)."""
+                  min_seconds: float = 0.05) -> float:
+    """Measured GFLOPS of one [m, k] @ [k, n] matmul in `dtype` on `device`: the fastest of the calls made in
+    `min_seconds` (at least 3). The fastest, not the mean: another process sharing the cores slows some calls by
+    10x or more (seen on a 2-core AMX machine: bf16 41 vs fp32 33 GFLOPS on average, ~1000 vs ~170 alone), and a
+    busy moment must not decide a whole conversion's float type."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
@@ -52,14 +55,13 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, shape: tuple[int, in
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up (kernel selection, first-touch allocation)
     sync()
-    calls, start = 0, time.perf_counter()
-    while True:
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
         a @ b
-        calls += 1
         sync()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return 2 * m * k * n * calls / elapsed / 1e9
+        best, calls = min(best, time.perf_counter() - t0), calls + 1
+    return 2 * m * k * n / best / 1e9
 
 
 def choose_precision(requested: str, device: torch.device, trains_weights: bool) -> PrecisionChoice:
