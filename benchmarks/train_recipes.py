@@ -74,6 +74,9 @@ RECIPES = {
     "random": {"method": "random"},
     # the clustering baseline (k-means of the hidden states as the router, its own training-free start)
     "hidden-kmeans-router": {"method": "hidden-kmeans-router"},
+    # the defaults computed in bf16 (autocast, fp32 master weights and optimizer; evaluations stay fp32) without
+    # activation checkpointing: on an AMX CPU bf16 matmuls run ~6x faster than fp32
+    "bf16": {"mixed_precision": "bf16", "gradient_checkpointing": False},
 }
 
 
