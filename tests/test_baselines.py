@@ -59,7 +59,10 @@ def test_prune_keeps_the_most_important_neurons():
 def _cfg(model, data, out, **kw):
     base = dict(shared_fraction=0.0,  # these tests exercise the plain MoE
                 model=str(model), data=[str(data)], eval_data=[str(data)], out=str(out), experts=4, top_k=2,
-                tokens=0, seq_len=32, batch_size=4, eval_tokens=256, calib_tokens=256, seed=0)
+                tokens=0, seq_len=32, batch_size=4, eval_tokens=256, calib_tokens=256, seed=0,
+                # fp32 whatever the CPU: on one with AMX `auto` computes a training-free run in bf16, a trained one
+                # in fp32, and these tests compare the two (and the dense model) exactly
+                precision="fp32")
     base.update(kw)
     return ConvertConfig(**base)
 
