@@ -59,7 +59,7 @@ def test_fused_head_loss_gradients_match_autograd():
     hs, ht = torch.randn(2, 9, 16, requires_grad=True), torch.randn(2, 9, 16)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, 3] = labels[1, 7] = -100
-    for temperature, ce_weight in ((1.0, 0.5), (2.0, 0.0)):
+    for temperature, ce_weight in ((1.0, 0.5), (2.0, 0.0), (1.0, 0.0), (2.0, 0.5)):
         kl, ce = distill_and_lm_loss(hs, ht, labels, head, temperature=temperature, chunk_tokens=5,
                                      ce_grad=ce_weight > 0)
         got = torch.autograd.grad(0.7 * kl + ce_weight * ce, (hs, head.weight, head.bias))
@@ -74,3 +74,4 @@ def test_fused_head_loss_gradients_match_autograd():
     (g_h,) = torch.autograd.grad(ce, hs)
     ref = F.cross_entropy(head(hs[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(g_h, torch.autograd.grad(ref, hs)[0], rtol=1e-4, atol=1e-6)
+
