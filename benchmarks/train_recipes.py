@@ -141,20 +141,38 @@ def record(name: str, out: Path, wall: float | None) -> dict:
             **score(out)}
 
 
+def machine() -> str:
+    """This machine in a few words: cores, CPU model and its native-bf16 flags (they decide the float types)."""
+    from dotmoe.precision import cpu_bf16_flags
+
+    cpu = "CPU"
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"{os.cpu_count()} cores, {cpu} ({', '.join(cpu_bf16_flags()) or 'no amx_bf16 / avx512_bf16'})"
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def render(model: str, records: list[dict], dense: dict, args) -> str:
     lines = [f"# Training recipes on {model}: E=8 / k={args.top_k} ({args.top_k / 8:.0%} of the FFN active)", "",
-             f"`python benchmarks/train_recipes.py --model {model} ...` (module docstring); machine: 2 CPU cores (AMD "
-             "EPYC, AVX2), torch 2.13.0+cpu. Start: a training-free conversion with "
+             f"`python benchmarks/train_recipes.py --model {model} ...` (module docstring); machine: {machine()}, "
+             f"torch {torch_version()}. Start: a training-free conversion with "
              f"{args.calib_tokens:,} calibration tokens; every recipe trains the tokens of its row from it "
              f"(batch 8 x 256) and keeps its best validation state (validation: first {args.eval_tokens:,} tokens "
              "of the Wikipedia validation split, at the start and every "
-             f"{args.eval_every} steps). Test: first 8,192 tokens of the Wikipedia test split (dense PPL "
+             "`eval every` tokens). Test: first 8,192 tokens of the Wikipedia test split (dense PPL "
              f"{dense['wiki_test_ppl']}) and 4,096 of the Python-docs test split (dense {dense['pydocs_test_ppl']}).",
-             "", "| recipe | tokens | seed | val PPL: start -> each evaluation | best step | wiki test PPL | ratio | "
-             "pydocs test PPL | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| recipe | tokens | seed | eval every | val PPL: start -> each evaluation | best step | wiki test PPL | "
+             "ratio | pydocs test PPL | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         curve = " -> ".join(f"{p:.1f}" for _, p in r["val_curve"]) or "-"
-        lines.append(f"| {r['recipe']} | {r['train_tokens']:,} | {r['seed']} | {curve} | {r['best_step']} | "
+        every = f"{r['val_curve'][1][0]:,}" if len(r["val_curve"]) > 1 else "-"
+        lines.append(f"| {r['recipe']} | {r['train_tokens']:,} | {r['seed']} | {every} | {curve} | {r['best_step']} | "
                      f"{r['wiki_test_ppl']:.2f} | {r['wiki_test_ppl'] / dense['wiki_test_ppl']:.2f} | "
                      f"{r['pydocs_test_ppl']:.2f} | {r['tokens_per_s'] or ''} |")
     lines += ["", "Recipes (ConvertConfig overrides; everything else at the defaults):", ""]
@@ -197,6 +215,8 @@ def main() -> None:
                         "run is resumed by the next invocation)")
     parser.add_argument("--jobs", type=int, default=1, help="recipes run at once (threads: 2 // jobs each)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from finished runs")
+    parser.add_argument("--results-tag", default="", help="appended to the results' file names (e.g. _xeon for "
+                        "runs of another machine, so that tables of two machines are never merged)")
     args = parser.parse_args()
 
     from real_models import dense_scores, model_dir
@@ -245,7 +265,7 @@ def main() -> None:
         walls = [p for p in (runs / f"{name}.wall_s", out / "wall_s.txt") if p.is_file()]
         wall = float(walls[0].read_text()) if walls else None
         records.append(record(name, out, wall))
-    stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}{suffix}"
+    stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}{suffix}{args.results_tag}"
     stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))
     stem.with_suffix(".md").write_text(render(Path(args.model).name, records, dense, args))
     plot(records, stem.parent / f"{stem.name}_val_curve.png")
