@@ -16,6 +16,7 @@ def test_auto_takes_bf16_only_when_the_probe_shows_it_fast(monkeypatch):
 
     rates = {torch.float32: 100.0}
     monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, device: rates[dtype])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])  # no AMX: the probe decides
     rates[torch.bfloat16] = 100.0 * BF16_MIN_SPEEDUP * 1.01  # an AMX-like CPU
     choice = choose_precision("auto", CPU, trains_weights=False)
     assert choice.dtype == torch.bfloat16 and "151.5 vs fp32 100.0 GFLOPS" in choice.reason
@@ -58,6 +59,16 @@ def test_bf16_conversion_is_close_to_fp32(tiny_llama_dir, tiny_text, tmp_path):
         exported = json.loads((tmp_path / name / "model" / "config.json").read_text())
         assert exported["dtype"] == "float32"
     assert abs(ratios["bf16"] / ratios["fp32"] - 1) < 0.02, ratios
+
+
+def test_an_amx_cpu_computes_in_bf16_however_busy_its_cores(monkeypatch):
+    import dotmoe.precision as precision
+
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, device: 1.2 if dtype == torch.bfloat16 else 100.0)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])
+    choice = choose_precision("auto", CPU, trains_weights=False)
+    assert choice.dtype == torch.bfloat16 and "has amx_bf16" in choice.reason and "bf16 1.2 vs fp32 100.0" in choice.reason
+    assert choose_precision("auto", CPU, trains_weights=True).dtype == torch.float32
 
 
 def test_matmul_probe_takes_the_fastest_call_not_the_mean(monkeypatch):
