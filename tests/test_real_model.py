@@ -71,7 +71,10 @@ def test_one_distillation_step_beats_its_training_free_start_on_smollm2(smollm2,
     from dotmoe.train import convert
 
     common = dict(model=str(smollm2), experts=8, top_k=2, calib_tokens=2048, eval_tokens=1024, batch_size=4,
-                  eval_data=[str(reference_data_file("wiki_validation"))], export_format="none")
+                  eval_data=[str(reference_data_file("wiki_validation"))], export_format="none",
+                  # the trained run computes in fp32 (its weights train); on an AMX CPU `auto` would make the
+                  # training-free start bf16, and the run would not start exactly where the start ended
+                  precision="fp32")
     start = convert(ConvertConfig(**common, tokens=0, out=str(tmp_path / "start")), progress=False).summary
     trained = convert(ConvertConfig(**common, tokens=4 * 256, init_from=str(tmp_path / "start"), lr_weights=3e-4,
                                     warmup_steps=0, eval_every=1, out=str(tmp_path / "trained")),
@@ -90,7 +93,7 @@ def test_short_distillation_beats_its_training_free_start_on_smollm2(smollm2, tm
     from dotmoe.train import convert
 
     common = dict(model=str(smollm2), experts=8, top_k=2, calib_tokens=4096, eval_tokens=2048,
-                  eval_data=[str(reference_data_file("wiki_validation"))], export_format="none")
+                  eval_data=[str(reference_data_file("wiki_validation"))], export_format="none", precision="fp32")
     start = convert(ConvertConfig(**common, tokens=0, out=str(tmp_path / "start")), progress=False).summary
     trained = convert(ConvertConfig(**common, tokens=2 * 8 * 256, init_from=str(tmp_path / "start"), trainable="full",
                                     lr_weights=1e-4, lr_router=1e-4, lr_affinity=1e-3, warmup_steps=0, eval_every=1,
