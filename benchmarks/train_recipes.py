@@ -152,16 +152,12 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu} ({', '.join(cpu_bf16_flags()) or 'no amx_bf16 / avx512_bf16'})"
 
 
-def torch_version() -> str:
+def render(model: str, records: list[dict], dense: dict, args) -> str:
     import torch
 
-    return torch.__version__
-
-
-def render(model: str, records: list[dict], dense: dict, args) -> str:
     lines = [f"# Training recipes on {model}: E=8 / k={args.top_k} ({args.top_k / 8:.0%} of the FFN active)", "",
              f"`python benchmarks/train_recipes.py --model {model} ...` (module docstring); machine: {machine()}, "
-             f"torch {torch_version()}. Start: a training-free conversion with "
+             f"torch {torch.__version__}. Start: a training-free conversion with "
              f"{args.calib_tokens:,} calibration tokens; every recipe trains the tokens of its row from it "
              f"(batch 8 x 256) and keeps its best validation state (validation: first {args.eval_tokens:,} tokens "
              "of the Wikipedia validation split, at the start and every "

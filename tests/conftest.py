@@ -61,7 +61,11 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.txt"
+    return write_tiny_text(tmp_path_factory.mktemp("data") / "train.txt")
+
+
+def write_tiny_text(path: Path) -> Path:
+    """6,000 words drawn (seed 0) from a small vocabulary: the tiny models' training and evaluation text."""
     words = ("the python tutorial explains lists tuples dictionaries classes modules functions and the standard "
              "library with many small examples of code ").split()
     g = torch.Generator().manual_seed(0)

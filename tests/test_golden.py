@@ -48,23 +48,15 @@ def fingerprint() -> str:
            f"{transformers.__version__} | python {platform.python_version()}"
 
 
-def _text(path: Path) -> Path:
-    words = ("the python tutorial explains lists tuples dictionaries classes modules functions and the standard "
-             "library with many small examples of code ").split()
-    g = torch.Generator().manual_seed(0)
-    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (6000,), generator=g).tolist()))
-    return path
-
-
 def case_hashes(root: Path, name: str) -> dict[str, str]:
     """Run one case in `root` (a fresh directory) and hash what it wrote."""
-    from conftest import save_tiny_llama
+    from conftest import save_tiny_llama, write_tiny_text
 
     from dotmoe.config import ConvertConfig
     from dotmoe.train import convert
 
     model = root / "model" if (root / "model").is_dir() else save_tiny_llama(root / "model")
-    text = root / "train.txt" if (root / "train.txt").is_file() else _text(root / "train.txt")
+    text = root / "train.txt" if (root / "train.txt").is_file() else write_tiny_text(root / "train.txt")
     out = root / name
     settings = dict(model=str(model), data=[str(text)], eval_data=[str(text)], out=str(out), experts=4, top_k=2,
                     tokens=2 * 4 * 32, seq_len=32, batch_size=4, eval_tokens=256, calib_tokens=256, seed=0)

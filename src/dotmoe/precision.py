@@ -86,9 +86,9 @@ def choose_precision(requested: str, device: torch.device, trains_weights: bool)
     if device.type != "cpu":
         return PrecisionChoice("fp32", torch.float32, f"fp32: no bf16 probe for device {device.type}")
     fp32, bf16 = matmul_gflops(torch.float32, device), matmul_gflops(torch.bfloat16, device)
-    flags = ", ".join(cpu_bf16_flags()) or "no amx_bf16 / avx512_bf16"
-    measured = f"probe matmul bf16 {bf16:.1f} vs fp32 {fp32:.1f} GFLOPS; CPU: {flags}"
-    if "amx_bf16" in cpu_bf16_flags():
+    flags = cpu_bf16_flags()
+    measured = f"probe matmul bf16 {bf16:.1f} vs fp32 {fp32:.1f} GFLOPS; CPU: {', '.join(flags) or 'no amx_bf16 / avx512_bf16'}"
+    if "amx_bf16" in flags:
         # the matrix unit is there (~6x fp32 on one free core here): a probe on busy cores must not decide, or
         # two conversions on one machine would compute in different types (seen: a test comparing two failed)
         return PrecisionChoice("bf16", torch.bfloat16, f"bf16 (the CPU has amx_bf16; {measured})")

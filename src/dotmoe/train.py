@@ -410,11 +410,12 @@ def preflight(out: Path, cfg: ConvertConfig, model: nn.Module, checkpoints: bool
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not checkpoints:  # saved in fp32 whatever it computed in
-        weights = 4 * sum(p.numel() for p in model.parameters())
-    checkpoint = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad) if checkpoints else 0  # fp32 params + 2 AdamW moments
-    trained = weights if cfg.trainable != "router+assignment" and checkpoints else 0  # trained dense weights are saved too
+    if checkpoints:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        checkpoint = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 params + 2 AdamW moments
+        trained = weights if cfg.trainable != "router+assignment" else 0  # trained dense weights are saved too
+    else:  # only the model, saved in fp32 whatever it computed in
+        weights, checkpoint, trained = 4 * sum(p.numel() for p in model.parameters()), 0, 0
     need = int(1.1 * (checkpoint + weights + trained)) + 64 * 1024**2
     free = shutil.disk_usage(out).free
     if free < need:
