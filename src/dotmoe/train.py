@@ -35,6 +35,7 @@ from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
 from dotmoe.precision import choose_precision
+from dotmoe.step_profile import StepProfiler
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
 
@@ -734,8 +735,10 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     if good is None and cfg.steps > start_step and not ckpt_path.is_file():
         write_checkpoint(start_step)
     stop_at_step_boundaries(True)  # from here a signal only asks for a stop, which stop_here() carries out
+    profiler = StepProfiler(start_step)  # DOTMOE_PROFILE=FILE only (dotmoe.step_profile)
     for step in bar:
         stop_here(step)
+        profiler.step(step)
         raw.assigner.tau = cfg.tau_at(step, cfg.steps)
         terms_sum: dict[str, float] = {}
         finite = True
@@ -793,6 +796,7 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                 good = _snapshot(raw, optimizer)
             write_checkpoint(step + 1)
 
+    profiler.close()
     if cfg.steps > start_step:
         stop_here(cfg.steps)  # a signal during the last step: the final phase runs on --resume
     stop_at_step_boundaries(False)
