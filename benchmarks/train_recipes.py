@@ -77,6 +77,8 @@ RECIPES = {
     # the defaults computed in bf16 (autocast, fp32 master weights and optimizer; evaluations stay fp32) without
     # activation checkpointing: on an AMX CPU bf16 matmuls run ~6x faster than fp32
     "bf16": {"mixed_precision": "bf16", "gradient_checkpointing": False},
+    # the strong baseline trained the same way as `bf16`: pruning to the same active budget + distillation in bf16
+    "prune-distill-bf16": {"method": "prune", "mixed_precision": "bf16", "gradient_checkpointing": False},
 }
 
 

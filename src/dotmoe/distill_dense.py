@@ -25,6 +25,7 @@ from dotmoe.data import batch_order
 from dotmoe.errors import DotMoeError
 from dotmoe.losses import distill_and_lm_loss
 from dotmoe.perplexity import perplexity
+from dotmoe.precision import autocast
 
 
 @dataclass
@@ -81,12 +82,14 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
             for micro in range(cfg.grad_accum):
                 idx = order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
                 batch = seqs[idx]
-                with torch.no_grad():
-                    target = teacher.get_decoder()(input_ids=batch).last_hidden_state if cfg.kl_weight > 0 else None
-                hidden = student.get_decoder()(input_ids=batch).last_hidden_state
-                kl, ce = distill_and_lm_loss(hidden, target, batch, student.get_output_embeddings(),
-                                             cfg.kl_temperature, cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0,
-                                             teacher_head=teacher.get_output_embeddings())
+                with autocast(cfg.mixed_precision, batch.device):  # as accelerate does in the joint run
+                    with torch.no_grad():
+                        target = teacher.get_decoder()(input_ids=batch).last_hidden_state if cfg.kl_weight > 0 \
+                            else None
+                    hidden = student.get_decoder()(input_ids=batch).last_hidden_state
+                    kl, ce = distill_and_lm_loss(hidden, target, batch, student.get_output_embeddings(),
+                                                 cfg.kl_temperature, cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0,
+                                                 teacher_head=teacher.get_output_embeddings())
                 loss = cfg.kl_weight * kl + cfg.ce_weight * ce
                 if not torch.isfinite(loss):
                     raise DotMoeError(f"non-finite loss at step {step + 1} of the pruned model's distillation; "

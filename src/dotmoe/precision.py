@@ -95,3 +95,10 @@ def choose_precision(requested: str, device: torch.device, trains_weights: bool)
     if bf16 >= BF16_MIN_SPEEDUP * fp32:
         return PrecisionChoice("bf16", torch.bfloat16, f"bf16 ({measured})")
     return PrecisionChoice("fp32", torch.float32, f"fp32 ({measured}; --precision bf16 forces it)")
+
+
+def autocast(mixed_precision: str, device: torch.device):
+    """The autocast context of `--mixed-precision` (no | bf16 | fp16) on `device`, for the loops that accelerate does
+    not wrap (the pruned model's distillation): the same computation as accelerate's autocast of the joint run."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
