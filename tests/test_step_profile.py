@@ -1,4 +1,4 @@
-"""The opt-in training-step profiler (DOTMOE_PROFILE) and the autocast of loops accelerate does not wrap."""
+"""Training speed tooling: the opt-in step profiler (DOTMOE_PROFILE), autocast outside accelerate, the bf16 teacher."""
 
 from __future__ import annotations
 
@@ -42,3 +42,24 @@ def test_autocast_follows_mixed_precision():
         assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16
     with autocast("no", torch.device("cpu")):
         assert torch.nn.functional.linear(x, w).dtype == torch.float32
+
+
+def test_bf16_teacher_copy_matches_autocast_of_the_fp32_teacher(tmp_path):
+    """The teacher's Linear layers stored in bf16 give, under bf16 autocast, exactly what autocast makes of the fp32
+    ones; the (tied) output embedding and the norms stay fp32."""
+    from conftest import save_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from dotmoe.distill_dense import teacher_copy
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "m"), torch_dtype=torch.float32)
+    plain, stored = teacher_copy(model), teacher_copy(model, torch.bfloat16)
+    assert stored.model.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
+    assert stored.get_output_embeddings().weight.dtype == torch.float32
+    assert stored.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), autocast("bf16", torch.device("cpu")):
+        a = plain.get_decoder()(input_ids=ids).last_hidden_state
+        b = stored.get_decoder()(input_ids=ids).last_hidden_state
+    assert torch.equal(a, b)
+    assert not torch.equal(a.float(), model.get_decoder()(input_ids=ids).last_hidden_state)  # autocast did act

@@ -122,6 +122,15 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
     return result
 
 
-def teacher_copy(model: nn.Module) -> nn.Module:
-    """A frozen copy of the dense model, taken before it is pruned in place."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+def teacher_copy(model: nn.Module, linear_dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen copy of the dense model (taken before it is pruned or trained in place). `linear_dtype`: the autocast
+    dtype the teacher will run under; its Linear layers are stored in it, which autocast would otherwise re-cast from
+    fp32 at every call (a frozen weight is not in autocast's cache) to the same values. The output embedding stays: it
+    may share its weight with the input embedding, whose dtype sets the residual stream's."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if linear_dtype is not None:
+        head = teacher.get_output_embeddings()
+        for module in teacher.modules():
+            if isinstance(module, nn.Linear) and module is not head:
+                module.to(linear_dtype)
+    return teacher

@@ -34,6 +34,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         b32 = None if bias is None else bias.float()
         tw32 = teacher_weight.detach().float()
         tb32 = None if teacher_bias is None else teacher_bias.detach().float()
+        device = h_s.device.type
+        if torch.is_autocast_enabled(device):
+            # autocast re-casts a detached weight at every chunk (it caches only leaves that require grad): cast once,
+            # to the very tensor it would make (on SmolLM2, 7 casts of the 49152 x 576 head per step, ~4% of a step)
+            tw32 = tw32.to(torch.get_autocast_dtype(device))
+            tb32 = None if tb32 is None else tb32.to(tw32.dtype)
         for start in range(0, h_s.shape[0], chunk):
             sl = slice(start, start + chunk)
             hs = h_s[sl].float()

@@ -100,5 +100,10 @@ def choose_precision(requested: str, device: torch.device, trains_weights: bool)
 def autocast(mixed_precision: str, device: torch.device):
     """The autocast context of `--mixed-precision` (no | bf16 | fp16) on `device`, for the loops that accelerate does
     not wrap (the pruned model's distillation): the same computation as accelerate's autocast of the joint run."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    dtype = autocast_dtype(mixed_precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The float type autocast computes in under `--mixed-precision` (None for no)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)

@@ -87,8 +87,9 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
     teacher = None
     if cfg.steps:  # the dense model, before it is pruned in place
         from dotmoe.distill_dense import teacher_copy
+        from dotmoe.precision import autocast_dtype
 
-        teacher = teacher_copy(model)
+        teacher = teacher_copy(model, autocast_dtype(cfg.mixed_precision))  # it runs under autocast only
     converted = cfg.calibrate_on == "converted"  # kept neurons chosen during the refit, on the pruned inputs
     kept = [None] * len(prep.mlps) if converted else \
         prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep), progress)

@@ -34,7 +34,7 @@ from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_lo
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
-from dotmoe.precision import choose_precision
+from dotmoe.precision import autocast_dtype, choose_precision
 from dotmoe.step_profile import StepProfiler
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
@@ -581,7 +581,11 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         partitions, start_routers = initial_partitions(cfg, model, mlps, caps, calib, progress)
     peaks.mark("calibrate")
 
-    teacher = copy.deepcopy(model).eval() if cfg.trainable != "router+assignment" and cfg.kl_weight > 0 else None
+    teacher = None
+    if cfg.trainable != "router+assignment" and cfg.kl_weight > 0:
+        from dotmoe.distill_dense import teacher_copy
+
+        teacher = teacher_copy(model, autocast_dtype(cfg.mixed_precision) if accelerator.num_processes == 1 else None)
     moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0, dropped=cfg.drop > 0)
     torch.manual_seed(cfg.seed)
     for layer, moe in enumerate(moes):
