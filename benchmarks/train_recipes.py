@@ -140,6 +140,7 @@ def record(name: str, out: Path, wall: float | None) -> dict:
             "seed": meta["config"]["seed"],
             "val_curve": curve, "best_step": meta.get("best_step"), "final_val_ppl": meta["val_ppl"],
             "dense_val_ppl": meta["dense_val_ppl"], "tokens_per_s": speeds[-1] if speeds else None, "wall_s": wall,
+            "peak_rss_mb": max(meta["peak_rss_mb"].values()) if isinstance(meta.get("peak_rss_mb"), dict) else None,
             **score(out)}
 
 
@@ -164,15 +165,18 @@ def render(model: str, records: list[dict], dense: dict, args) -> str:
              f"(batch 8 x 256) and keeps its best validation state (validation: first {args.eval_tokens:,} tokens "
              "of the Wikipedia validation split, at the start and every "
              "`eval every` tokens). Test: first 8,192 tokens of the Wikipedia test split (dense PPL "
-             f"{dense['wiki_test_ppl']}) and 4,096 of the Python-docs test split (dense {dense['pydocs_test_ppl']}).",
+             f"{dense['wiki_test_ppl']}) and 4,096 of the Python-docs test split (dense {dense['pydocs_test_ppl']}). "
+             "tok/s: training tokens over the training loop's time, validations included; wall: the whole run, "
+             "start excluded; peak RSS: the run's largest stage peak.",
              "", "| recipe | tokens | seed | eval every | val PPL: start -> each evaluation | best step | wiki test PPL | "
-             "ratio | pydocs test PPL | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio | pydocs test PPL | tok/s | wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         curve = " -> ".join(f"{p:.1f}" for _, p in r["val_curve"]) or "-"
         every = f"{r['val_curve'][1][0]:,}" if len(r["val_curve"]) > 1 else "-"
         lines.append(f"| {r['recipe']} | {r['train_tokens']:,} | {r['seed']} | {every} | {curve} | {r['best_step']} | "
                      f"{r['wiki_test_ppl']:.2f} | {r['wiki_test_ppl'] / dense['wiki_test_ppl']:.2f} | "
-                     f"{r['pydocs_test_ppl']:.2f} | {r['tokens_per_s'] or ''} |")
+                     f"{r['pydocs_test_ppl']:.2f} | {r['tokens_per_s'] or ''} | {r.get('wall_s') or ''} | "
+                     f"{r.get('peak_rss_mb') or ''} |")
     lines += ["", "Recipes (ConvertConfig overrides; everything else at the defaults):", ""]
     lines += [f"- `{r}`: `{json.dumps(RECIPES[r])}`" for r in dict.fromkeys(x["recipe"].split("__")[0] for x in records)
               if r != "start"]
