@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import sys
-
 import os
+import sys
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -30,11 +29,16 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 TOP_PAD_BYTES = 64 << 20
 
 
+def use_huge_pages() -> None:
+    """torch's transparent-huge-page allocation for blocks of 2 MiB or more, unless THP_MEM_ALLOC_ENABLE is set. torch
+    reads it at its first CPU allocation: the command line calls this before any, a library caller may set it itself."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def return_large_blocks_to_the_system() -> bool:
     """Set glibc's mmap threshold to 1 MiB for this process (and the two settings that keep it fast, module
-    docstring); True when the threshold took effect. torch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation:
-    the command line sets it before that, a library caller may set it itself."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    docstring); True when the threshold took effect."""
+    use_huge_pages()
     if not sys.platform.startswith("linux"):
         return False
     try:

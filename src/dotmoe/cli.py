@@ -368,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     from dotmoe.errors import Interrupted
     from dotmoe.guards import stop_on_signals
 
-    # torch's huge-page allocation (dotmoe.allocator), read at its first CPU allocation: set before any
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from dotmoe.allocator import use_huge_pages
+
+    use_huge_pages()  # before torch's first CPU allocation, which reads it
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

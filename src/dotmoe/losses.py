@@ -32,21 +32,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                  for name, wanted in (("kl", h_t is not None), ("ce", ce_grad))}
         w32 = weight.float()
         b32 = None if bias is None else bias.float()
-        tw32 = teacher_weight.detach().float()
-        tb32 = None if teacher_bias is None else teacher_bias.detach().float()
+        tw = teacher_weight.detach().float()  # fp32, or the autocast dtype (below)
+        tb = None if teacher_bias is None else teacher_bias.detach().float()
         device = h_s.device.type
         if torch.is_autocast_enabled(device):
             # autocast re-casts a detached weight at every chunk (it caches only leaves that require grad): cast once,
             # to the very tensor it would make (on SmolLM2, 7 casts of the 49152 x 576 head per step, ~4% of a step)
-            tw32 = tw32.to(torch.get_autocast_dtype(device))
-            tb32 = None if tb32 is None else tb32.to(tw32.dtype)
+            tw = tw.to(torch.get_autocast_dtype(device))
+            tb = None if tb is None else tb.to(tw.dtype)
         for start in range(0, h_s.shape[0], chunk):
             sl = slice(start, start + chunk)
             hs = h_s[sl].float()
             logits_s = F.linear(hs, w32, b32)
             g_logits = {}
             if h_t is not None:
-                logp_t = F.log_softmax(F.linear(h_t[sl].float(), tw32, tb32) / temperature, -1)
+                logp_t = F.log_softmax(F.linear(h_t[sl].float(), tw, tb) / temperature, -1)
                 logp_s = F.log_softmax(logits_s / temperature, -1)
                 p_t = logp_t.exp()
                 kl_sum += (p_t * (logp_t - logp_s)).sum()

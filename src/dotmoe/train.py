@@ -25,6 +25,7 @@ from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import batch_order, load_texts, pack_sequences, tokenize_stream
 from dotmoe.dense_ppl_cache import dense_perplexity
+from dotmoe.distill_dense import teacher_copy
 from dotmoe.errors import DotMoeError, Interrupted, write_failure
 from dotmoe.guards import (BEST_STATE, CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
                            check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested,
@@ -583,8 +584,6 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
 
     teacher = None
     if cfg.trainable != "router+assignment" and cfg.kl_weight > 0:
-        from dotmoe.distill_dense import teacher_copy
-
         teacher = teacher_copy(model, autocast_dtype(cfg.mixed_precision) if accelerator.num_processes == 1 else None)
     moes = install_moe(model, cfg.experts, cfg.top_k, cfg.gating, shared=cfg.shared > 0, dropped=cfg.drop > 0)
     torch.manual_seed(cfg.seed)
