@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {
-    "tf": [],
+    "tf": ["--tokens", "0"],
     "train": ["--tokens", "8192", "--calib-tokens", "2048", "--eval-tokens", "4096", "--export-format", "none"],
     "full": ["--tokens", "8192", "--calib-tokens", "2048", "--eval-tokens", "4096", "--export-format", "none",
              "--trainable", "full"],

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # name -> ConvertConfig overrides (a YAML config of `dotmoe convert`); warmup 2 of the 16 steps of a 32k-token run
 RECIPES = {
-    # `dotmoe convert --tokens N` with nothing else: every weight trains (trainable auto), lr 3e-4 (router 1e-4,
-    # affinity 1e-3), warmup an eighth of the steps, cosine decay, best validation state kept
+    # `dotmoe convert --tokens N` with nothing else at the time (fp32, below): every weight trains (trainable auto),
+    # lr 3e-4 (router 1e-4, affinity 1e-3), warmup an eighth of the steps, cosine decay, best validation state kept
     "defaults": {},
     # the same with the weights at 1e-4 (the default before the lr3e-4 / lr1e-3 runs below)
     "lr1e-4": {"lr_weights": 1.0e-4},
@@ -75,11 +75,29 @@ RECIPES = {
     # the clustering baseline (k-means of the hidden states as the router, its own training-free start)
     "hidden-kmeans-router": {"method": "hidden-kmeans-router"},
     # the defaults computed in bf16 (autocast, fp32 master weights and optimizer; evaluations stay fp32) without
-    # activation checkpointing: on an AMX CPU bf16 matmuls run ~6x faster than fp32
+    # activation checkpointing: on an AMX CPU bf16 matmuls run ~6x faster than fp32 (now what `dotmoe convert` does
+    # there by default)
     "bf16": {"mixed_precision": "bf16", "gradient_checkpointing": False},
     # the strong baseline trained the same way as `bf16`: pruning to the same active budget + distillation in bf16
     "prune-distill-bf16": {"method": "prune", "mixed_precision": "bf16", "gradient_checkpointing": False},
+    # the other baselines trained the same way as `bf16`, each from its own training-free start
+    "random-bf16": {"method": "random", "mixed_precision": "bf16", "gradient_checkpointing": False},
+    "hidden-kmeans-router-bf16": {"method": "hidden-kmeans-router", "mixed_precision": "bf16",
+                                  "gradient_checkpointing": False},
+    # the paper's ablation in bf16: the starting partition frozen, and an assignment that can move (as
+    # `moving-assignment`)
+    "frozen-assignment-bf16": {"lr_affinity": 0.0, "mixed_precision": "bf16", "gradient_checkpointing": False},
+    "moving-assignment-bf16": {"lr_affinity": 0.05, "init_scale": 0.25, "mixed_precision": "bf16",
+                               "gradient_checkpointing": False},
 }
+
+
+# the recipes above without `bf16` in their name ran when training was fp32 with activation checkpointing by
+# default; they keep meaning what they measured (the defaults are now bf16 autocast where the CPU has AMX, and no
+# checkpointing when memory allows: what the `bf16` recipes set)
+for _name, _recipe in RECIPES.items():
+    if "bf16" not in _name:
+        _recipe.update({"mixed_precision": "no", "gradient_checkpointing": True})
 
 
 def start_name(recipe: str) -> str | None:
@@ -142,6 +160,14 @@ def record(name: str, out: Path, wall: float | None) -> dict:
             "dense_val_ppl": meta["dense_val_ppl"], "tokens_per_s": speeds[-1] if speeds else None, "wall_s": wall,
             "peak_rss_mb": max(meta["peak_rss_mb"].values()) if isinstance(meta.get("peak_rss_mb"), dict) else None,
             **score(out)}
+
+
+def earlier_records(results: Path, present: set[str]) -> list[dict]:
+    """The rows of an earlier results file whose runs are not in this runs directory (a session's runs directory
+    may not outlive it, its measured rows must): kept as they were."""
+    if not results.is_file():
+        return []
+    return [r for r in json.loads(results.read_text())["runs"] if r["recipe"] not in present]
 
 
 def machine() -> str:
@@ -268,6 +294,9 @@ def main() -> None:
         wall = float(walls[0].read_text()) if walls else None
         records.append(record(name, out, wall))
     stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}{suffix}{args.results_tag}"
+    records += earlier_records(stem.with_suffix(".json"), {r["recipe"] for r in records})
+    records.sort(key=lambda r: (r["recipe"] != "start", list(RECIPES).index(r["recipe"].split("__")[0])
+                                if r["recipe"] != "start" else -1, r["recipe"]))
     stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))
     stem.with_suffix(".md").write_text(render(Path(args.model).name, records, dense, args))
     plot(records, stem.parent / f"{stem.name}_val_curve.png")

@@ -17,7 +17,9 @@ BASE_YAML = ("experts: 4\ntop_k: 2\ntokens: 3072\nseq_len: 32\nbatch_size: 4\nse
              # the pre-training refit (skipped under FSDP) leaves a KL of ~1e-6 here, below reduction-order noise
              "refit_before_training: false\n"
              # the recipe these comparisons were written for (no evaluation during training, warmup 10)
-             "trainable: router+assignment\neval_every: 0\nwarmup_steps: 10\n")
+             "trainable: router+assignment\neval_every: 0\nwarmup_steps: 10\n"
+             # fp32, as these exact comparisons were written for (with bf16 autocast FSDP2 and DDP differed by 9%)
+             "mixed_precision: 'no'\n")
 SINGLE = [sys.executable, "-m", "dotmoe.cli"]
 # torchrun sets RANK/WORLD_SIZE; accelerate then runs DDP over gloo on CPU
 DDP_LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",

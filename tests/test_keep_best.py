@@ -83,7 +83,9 @@ def test_training_defaults_follow_what_trains():
 
     trained = ConvertConfig(tokens=16 * 8 * 256)
     assert (trained.trainable, trained.lr_router, trained.lr_affinity, trained.eval_every) == ("full", 1e-4, 1e-3, 4)
-    free = ConvertConfig()
+    default = ConvertConfig()  # no --tokens: DEFAULT_TRAIN_TOKENS (262,144: 128 steps of 8 x 256)
+    assert (default.trainable, default.lr_router, default.lr_affinity, default.eval_every) == ("full", 1e-4, 1e-3, 32)
+    free = ConvertConfig(tokens=0)
     assert (free.trainable, free.lr_router, free.lr_affinity, free.eval_every) == ("router+assignment", 3e-3, 0.05, 0)
     layerwise = ConvertConfig(mode="layerwise", tokens=4096)
     assert layerwise.trainable == "router+assignment" and layerwise.eval_every == 0
@@ -95,7 +97,7 @@ def test_full_training_that_does_not_fit_in_memory_fails_before_it_starts(tiny_l
     from dotmoe.architecture import load_causal_lm
     from dotmoe.config import ConvertConfig
     from dotmoe.errors import DotMoeError
-    from dotmoe.train import check_training_memory
+    from dotmoe.training_memory import check_training_memory
 
     model, _ = load_causal_lm(tiny_llama_dir)
     params = sum(p.numel() for p in model.parameters())
@@ -104,4 +106,4 @@ def test_full_training_that_does_not_fit_in_memory_fails_before_it_starts(tiny_l
     with pytest.raises(DotMoeError, match="pass --trainable router\\+assignment"):
         check_training_memory(cfg, model, available=20 * params - 1)
     check_training_memory(ConvertConfig(tokens=4096, trainable="router+assignment"), model, available=0)
-    check_training_memory(ConvertConfig(), model, available=0)  # training-free
+    check_training_memory(ConvertConfig(tokens=0), model, available=0)  # training-free

@@ -160,10 +160,11 @@ def test_layerwise_crash_then_resume_redoes_only_the_unfinished_layer(tiny_llama
     assert not (out / layerwise.LAYERWISE_CHECKPOINT).exists()
 
 
-def test_default_is_training_free_in_the_joint_mode_only():
-    """No --tokens: the joint mode converts training-free, the layer-wise mode trains --layer-steps per layer;
-    --tokens 0 makes both training-free."""
-    assert ConvertConfig().steps == 0
+def test_default_trains_in_both_modes_and_tokens_0_is_training_free():
+    """No --tokens: the joint mode trains DEFAULT_TRAIN_TOKENS (262,144 = 128 steps of 8 x 256), the layer-wise
+    mode trains --layer-steps per layer; --tokens 0 makes both training-free."""
+    assert ConvertConfig().steps == 128
+    assert ConvertConfig(tokens=0).steps == 0
     assert ConvertConfig(tokens=4096, batch_size=4, seq_len=256).steps == 4
     assert ConvertConfig(mode="layerwise").trains_layers
     assert not ConvertConfig(mode="layerwise", tokens=0).trains_layers

@@ -38,8 +38,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-router", help="lstsq | lstsq-topk | random")
     p.add_argument("--capacities", type=int, nargs="+", help="explicit routed expert sizes (sum = N - shared)")
     p.add_argument("--gating", help="mask | softmax")
-    p.add_argument("--tokens", type=int, help="training tokens (default: training-free; --mode layerwise trains "
-                   "--layer-steps per layer unless --tokens 0)")
+    p.add_argument("--tokens", type=int, help="training tokens (default 262144, every weight distilled from the "
+                   "dense model; 0 = training-free; --mode layerwise trains --layer-steps per layer unless --tokens 0)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
@@ -54,6 +54,11 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", help="auto (default: bf16 where a probe matmul shows the hardware runs it fast, "
                    "i.e. AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32; the choice and its reason are printed) | "
                    "fp32 | bf16 (joint mode and prune; bf16 trains only router+assignment)")
+    p.add_argument("--mixed-precision", help="autocast while training: auto (default: bf16 when the weights train "
+                   "on hardware with fast bf16, else no) | no (fp32) | bf16 | fp16")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer in the backward: less memory, one more student forward per "
+                   "step (default: only when training without it might not fit in memory)")
     p.add_argument("--refit-down", action=argparse.BooleanOptionalAction, default=None,
                    help="after the conversion, refit the FFN down projections by least squares on the calibration "
                    "tokens so the sparse FFNs reproduce the dense ones (default on; joint mode with frozen FFN "

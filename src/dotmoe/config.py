@@ -23,6 +23,9 @@ TRAINABLE = ("auto", "router+assignment", "experts", "full")
 # 74.8 at 3e-4, 78.8 at 1e-3
 LEARNING_RATES = {"router+assignment": {"lr_router": 3e-3, "lr_affinity": 0.05},
                   "weights": {"lr_router": 1e-4, "lr_affinity": 1e-3}}
+# training tokens of a joint conversion when --tokens is not given: the measured recipe above (262,144 tokens: 30
+# minutes on one core of an AMX CPU for SmolLM2-135M, within one epoch of the bundled 437,736-token train split)
+DEFAULT_TRAIN_TOKENS = 262_144
 AFFINITY_INITS = ("coactivation", "weight-kmeans", "random")
 ROUTER_INITS = ("lstsq", "lstsq-topk", "random")
 
@@ -52,11 +55,11 @@ class ConvertConfig:
     drop: int | None = None  # neurons removed entirely (an OT column whose gate is 0); needs a shared expert
     capacities: list[int] | None = None
     gating: str = "softmax"
-    # training tokens; 0 = training-free (partition, router init and refit only). None (default): training-free in
-    # the joint mode, while --mode layerwise trains layer_steps per layer (--tokens 0 makes it training-free too).
-    # Training pays since every weight trains (SmolLM2-135M at 25% active, from the default 65,536-token start:
-    # wiki test ratio 5.03 -> 3.19 after 32,768 tokens, benchmarks/results/train_recipes_*_c65536.md), but costs
-    # ~30-50 minutes per 32k tokens on 2 CPU cores, so it stays opt-in
+    # training tokens; 0 = training-free (partition, router init and refit only). None (default): DEFAULT_TRAIN_TOKENS
+    # in the joint mode, while --mode layerwise trains layer_steps per layer (--tokens 0 makes either training-free).
+    # Training pays: SmolLM2-135M at 25% active, from the default 65,536-token start, wiki test PPL ratio 5.03
+    # training-free -> 2.54 after 262,144 tokens in bf16 (30 minutes on one core of an AMX CPU;
+    # benchmarks/results/train_recipes_smollm2-135m-instruct_c65536_xeon.md)
     tokens: int | None = None
     seq_len: int = 256
     batch_size: int = 8
@@ -109,11 +112,15 @@ class ConvertConfig:
     # tokens per LM-head chunk of the loss: at most chunk_tokens x vocab logits at once (SmolLM2, router+assignment
     # training: peak RSS 3,167 MB at 1024, 2,557 MB at 256, same loss and tokens/s)
     chunk_tokens: int = 256
-    mixed_precision: str = "no"  # accelerate's autocast (re-casts fp32 weights at every call); see `precision`
+    # accelerate's autocast for training (no | bf16 | fp16; fp32 master weights and optimizer). auto: bf16 when the
+    # model's weights train on hardware with fast bf16 (dotmoe.precision.resolve_mixed_precision), else no
+    mixed_precision: str = "auto"
     # compute dtype (dotmoe.precision): auto = bf16 where a probe matmul shows the hardware runs it fast, else fp32;
     # bf16 stores the frozen weights in bf16 (joint mode and prune; trainable router+assignment only)
     precision: str = "auto"
-    gradient_checkpointing: bool = True  # recompute each decoder layer in the backward: activation memory / L
+    # recompute each decoder layer in the backward (activation memory / L, one more student forward). None (auto):
+    # only when training without it might not fit in memory (dotmoe.training_memory)
+    gradient_checkpointing: bool | None = None
     eval_data: list[str] = field(default_factory=list)
     eval_tokens: int = 32_768
     # validation perplexity (eval_data) of the MoE at the start of training and every eval_every optimizer steps
@@ -149,8 +156,9 @@ class ConvertConfig:
         choose("trainable", TRAINABLE)
         choose("init_affinity", AFFINITY_INITS)
         choose("init_router", ROUTER_INITS)
-        choose("mixed_precision", ("no", "bf16", "fp16"))
-        from dotmoe.precision import PRECISIONS
+        from dotmoe.precision import MIXED_PRECISIONS, PRECISIONS
+
+        choose("mixed_precision", MIXED_PRECISIONS)
 
         choose("precision", PRECISIONS)
         if self.precision == "bf16" and self.trains_weights:
@@ -162,7 +170,7 @@ class ConvertConfig:
         if self.calibrate_on == "converted" and (self.tokens or self.mode != "joint" or self.init_from or
                                                  not self.refit_down):
             raise DotMoeError("calibrate_on converted chooses each layer's partition and router inside the "
-                              "down-projection refit: it needs the joint mode, training-free (no --tokens), no "
+                              "down-projection refit: it needs the joint mode, training-free (--tokens 0), no "
                               "--init-from and --refit-down")
         choose("export_format", EXPORT_FORMATS + ("none",))
         if self.experts < 2:
@@ -211,7 +219,9 @@ class ConvertConfig:
         self._check_ranges()
 
     def _resolve_training(self) -> None:
-        """trainable auto, the learning rates left None and eval_every None, from the run's own settings."""
+        """tokens, trainable auto, the learning rates left None and eval_every None, from the run's own settings."""
+        if self.tokens is None and self.mode == "joint":
+            self.tokens = DEFAULT_TRAIN_TOKENS
         if self.trainable == "auto":
             self.trainable = "full" if self.tokens and self.mode == "joint" else "router+assignment"
         rates = LEARNING_RATES["weights" if self.trains_weights else "router+assignment"]
@@ -281,6 +291,8 @@ class ConvertConfig:
                     not (kind == "int | None" and value is None):
                 raise bad
             elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
+                raise bad
+            elif kind == "bool | None" and value is not None and not isinstance(value, bool):
                 raise bad
             elif kind.startswith("list[") and value is not None:
                 item = {"list[str]": str, "list[int] | None": int}[kind]

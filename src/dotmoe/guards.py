@@ -28,8 +28,10 @@ from dotmoe.run_dir import (BEST_STATE, CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOI
                             RUN_FILES, foreign_entries, foreign_export_entries, is_leftover, is_temporary,
                             file_sha256, refuse_foreign, set_aside)
 
-# settings that change where or how a run is written, never its result: a resume may change them
-RUN_ONLY_SETTINGS = ("out", "resume", "overwrite", "checkpoint_every", "export_format", "log_every")
+# settings that change where or how a run is written or computed, never its result: a resume may change them
+# (gradient checkpointing recomputes the same forward: bit-identical, tests/test_training_memory.py)
+RUN_ONLY_SETTINGS = ("out", "resume", "overwrite", "checkpoint_every", "export_format", "log_every",
+                     "gradient_checkpointing")
 
 
 # ---------------------------------------------------------------------------------------------- weight files

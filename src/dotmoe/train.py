@@ -35,8 +35,9 @@ from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_lo
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
-from dotmoe.precision import autocast_dtype, choose_precision
+from dotmoe.precision import autocast_dtype, choose_precision, resolve_mixed_precision
 from dotmoe.step_profile import StepProfiler
+from dotmoe.training_memory import check_training_memory, use_gradient_checkpointing
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
 
@@ -478,24 +479,6 @@ def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
     return Prepared(model, tokenizer, model_path, seqs, eval_ids, [n for n, _ in named_mlps], mlps)
 
 
-def check_training_memory(cfg: ConvertConfig, model: nn.Module, available: int | None = None) -> None:
-    """Before anything long starts: training the model's weights on the CPU fits in the memory available (fp32
-    weights, their gradients and two AdamW moments for what trains, plus the dense teacher's copy), else a one-line
-    error that says what to pass instead. `available` (bytes) defaults to what the OS reports as available."""
-    if not cfg.steps or not cfg.trains_weights or next(model.parameters()).device.type != "cpu":
-        return
-    import psutil
-
-    total = sum(p.numel() for p in model.parameters())
-    trained = total if cfg.trainable == "full" else sum(p.numel() for m in find_gated_mlps(model) for p in m[1].parameters())
-    need = 4 * total + 4 * total + 12 * trained  # weights + teacher copy + (gradients, 2 moments) of what trains
-    available = psutil.virtual_memory().available if available is None else available
-    if need > available:
-        raise DotMoeError(f"training the model's weights (trainable {cfg.trainable}) needs about {need / 2**30:.1f} "
-                          f"GiB of memory, {available / 2**30:.1f} GiB is available: pass --trainable "
-                          "router+assignment (trains only the router and assignment), or --tokens 0 (training-free)")
-
-
 def check_eval_tokens(count: int, files: list[str]) -> None:
     """Enough held-out tokens for a perplexity that means something."""
     if count < MIN_EVAL_TOKENS:
@@ -507,6 +490,14 @@ def _accelerator(cfg: ConvertConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1 and \
+            AcceleratorState().mixed_precision != cfg.mixed_precision:
+        # accelerate keeps one precision per process, but one process may run several conversions (a library user,
+        # a benchmark: training-free, then trained in bf16); with a single process and the earlier conversion
+        # finished, its state can be dropped (accelerate's own tests reset it so)
+        AcceleratorState._reset_state()
     try:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                                   cpu=not torch.cuda.is_available())
@@ -532,6 +523,15 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     from dotmoe.run_dir import is_main_rank, output_lock, restore_previous
 
     return_large_blocks_to_the_system()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accelerate's device (_accelerator)
+    mixed, why = resolve_mixed_precision(cfg.mixed_precision, device, cfg.steps > 0 and cfg.trains_weights)
+    if mixed != cfg.mixed_precision:  # auto resolved: the run, its checkpoint and its record hold the type used
+        cfg = cfg.derive(mixed_precision=mixed)
+        if progress:
+            print(f"dotmoe: {why}", flush=True)
+    if progress and cfg.steps:
+        print(f"dotmoe: training {cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len:,} tokens after the "
+              f"conversion (--tokens; --tokens 0 converts training-free)", flush=True)
     check_convert_output(cfg)  # before the lock creates OUT: a refused run writes nothing
     with output_lock(cfg.out):
         check_convert_output(cfg)  # again, now that no other run can change OUT
@@ -562,6 +562,8 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
         print(f"dotmoe: computing in {precision.reason}", flush=True)
     prep = prepare(cfg, precision.dtype)
     check_training_memory(cfg, prep.model)
+    if cfg.gradient_checkpointing is None:
+        cfg = cfg.derive(gradient_checkpointing=use_gradient_checkpointing(cfg, prep.model))
     peaks.mark("load")
     if cfg.method == "prune":
         from dotmoe.prune import prune_convert

@@ -1,0 +1,74 @@
+"""Training defaults decided at the start of a run: the default token budget, autocast (mixed precision auto) and
+activation checkpointing (auto), each against what it must equal."""
+
+import json
+
+import pytest
+import torch
+
+from dotmoe.config import DEFAULT_TRAIN_TOKENS, ConvertConfig
+from dotmoe.train import convert
+
+
+def test_default_tokens_train_in_the_joint_mode_only():
+    assert ConvertConfig().tokens == DEFAULT_TRAIN_TOKENS
+    assert ConvertConfig().steps == DEFAULT_TRAIN_TOKENS // (8 * 256)
+    assert ConvertConfig().trainable == "full"
+    assert ConvertConfig(tokens=0).steps == 0 and ConvertConfig(tokens=0).trainable == "router+assignment"
+    assert ConvertConfig(mode="layerwise").tokens is None  # the layer-wise mode trains layer_steps per layer
+
+
+def test_mixed_precision_auto_is_bf16_only_for_trained_weights_on_fast_bf16(monkeypatch):
+    from dotmoe import precision
+
+    cpu = torch.device("cpu")
+    for fast in (True, False):
+        monkeypatch.setattr(precision, "fast_bf16", lambda device, fast=fast: (fast, "probe"))
+        assert precision.resolve_mixed_precision("auto", cpu, trains_weights=True)[0] == ("bf16" if fast else "no")
+        assert precision.resolve_mixed_precision("auto", cpu, trains_weights=False)[0] == "no"
+        for asked in ("no", "bf16", "fp16"):
+            assert precision.resolve_mixed_precision(asked, cpu, trains_weights=True)[0] == asked
+    with pytest.raises(Exception, match="mixed_precision must be one of"):
+        ConvertConfig(mixed_precision="fp8")
+
+
+def test_gradient_checkpointing_auto_only_when_memory_is_short(tiny_llama_dir):
+    from dotmoe.architecture import load_causal_lm
+    from dotmoe.training_memory import activation_bytes, state_bytes, use_gradient_checkpointing
+
+    model, _ = load_causal_lm(tiny_llama_dir)
+    cfg = ConvertConfig(tokens=4096, seq_len=32, batch_size=4)
+    need = state_bytes(cfg, model) + activation_bytes(cfg, model)
+    params = sum(p.numel() for p in model.parameters())
+    assert state_bytes(cfg, model) == 20 * params  # fp32 weights + teacher + gradients + 2 AdamW moments
+    c = model.config
+    assert activation_bytes(cfg, model) == 4 * 4 * 32 * c.num_hidden_layers * (
+        12 * c.hidden_size + 6 * c.intermediate_size + 2 * c.num_attention_heads * 32)
+    assert not use_gradient_checkpointing(cfg, model, available=int(need / 0.8) + 1)
+    assert use_gradient_checkpointing(cfg, model, available=int(need / 0.8) - 1)
+    assert use_gradient_checkpointing(ConvertConfig(tokens=4096, gradient_checkpointing=True), model, available=10**15)
+    assert not use_gradient_checkpointing(ConvertConfig(tokens=4096, gradient_checkpointing=False), model, available=0)
+    assert not use_gradient_checkpointing(ConvertConfig(tokens=0), model, available=0)  # nothing trains
+
+
+def test_gradient_checkpointing_changes_no_number(tiny_llama_dir, tiny_text, tmp_path):
+    """Why a resume may change gradient_checkpointing (guards.RUN_ONLY_SETTINGS): the recomputed forward gives the
+    same losses, perplexities and trained weights bit for bit."""
+    runs = {}
+    for on in (False, True):
+        cfg = ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
+                            out=str(tmp_path / str(on)), experts=4, top_k=2, tokens=4 * 4 * 32, seq_len=32,
+                            batch_size=4, eval_tokens=256, calib_tokens=256, seed=3, gradient_checkpointing=on,
+                            mixed_precision="no", export_format="none")
+        runs[on] = convert(cfg, progress=False)
+    logs = [[json.loads(x) for x in (tmp_path / str(on) / "train_log.jsonl").read_text().splitlines()]
+            for on in (False, True)]
+    losses = [[r["loss"] for r in log if "loss" in r] for log in logs]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert runs[False].summary["val_ppl"] == runs[True].summary["val_ppl"]
+    assert runs[False].summary["config"]["gradient_checkpointing"] is False
+    assert runs[True].summary["config"]["gradient_checkpointing"] is True
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / str(on) / "trained_weights.safetensors") for on in (False, True))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
