@@ -24,7 +24,7 @@ def test_bytes_bound_counts_k_of_e_experts_and_the_cli_prints_a_table(tmp_path, 
     code = main(["bench", "speed", "--dense", str(dense), "--moe", str(tmp_path / "moe"), "--batch", "1,2",
                  "--prompt", "8", "--new-tokens", "2", "--runs", "1", "--dtype", "float32"])
     out = capsys.readouterr().out
-    assert code == 0 and "decode x" in out and "bytes bound x" in out
+    assert code == 0 and "decode x" in out and "bytes bound x" in out and "experts touched per layer" in out
     assert len([line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]) == 2
 
 
@@ -46,3 +46,47 @@ def test_gather_experts_kernel_matches_stock_grouped_mm(tmp_path):
         prompt = torch.arange(5).unsqueeze(0)
         assert torch.equal(stock.generate(prompt, max_new_tokens=6, do_sample=False),
                            fast.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_experts_touched_by_a_batch_measured_and_expected():
+    """Measured: batch 1 touches exactly its k experts, the whole text every expert it used. Expected: the closed
+    form sum_e 1 - (1 - q_e)^B equals the mean distinct count over all ordered pairs of tokens (B = 2, drawn with
+    replacement), enumerated."""
+    from itertools import product
+
+    from dotmoe.expert_coverage import expected_touched, measured_touched
+
+    gen = torch.Generator().manual_seed(0)
+    choices = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(40)])  # 40 tokens, k=2 of E=8
+    choices[:20] = torch.tensor([0, 1])  # a skewed load
+    assert measured_touched(choices, 8, 1) == 2.0
+    assert measured_touched(choices, 8, len(choices)) == len(torch.unique(choices))
+    pairs = [len(set(choices[i].tolist()) | set(choices[j].tolist())) for i, j in product(range(40), repeat=2)]
+    assert abs(expected_touched(choices, 8, 2) - sum(pairs) / len(pairs)) < 1e-12
+    assert abs(expected_touched(choices, 8, 1) - 2.0) < 1e-12
+    assert 2.0 < measured_touched(choices, 8, 4) < 8 and expected_touched(choices, 8, 100) < 8 + 1e-9
+
+
+def test_bytes_bound_of_a_batch_from_the_routing_of_real_text(tmp_path):
+    """The exported MoE's routing of text: [T, k] distinct experts per token in every layer; at batch 1 the bound is
+    weight_bytes' k-of-E bound, and it falls towards 1 as the batch touches more experts."""
+    from transformers import AutoModelForCausalLM
+
+    from dotmoe.expert_coverage import bytes_bound, coverage, routing_choices
+    from dotmoe.speed import byte_counts
+
+    dense = save_tiny("llama", tmp_path / "dense")
+    export(fake_conversion(dense, tmp_path / "conv", experts=4, top_k=1), tmp_path / "moe", check_tokens=0,
+           progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    ids = torch.randint(0, 8000, (256,), generator=torch.Generator().manual_seed(1))
+    choices = routing_choices(model, ids, seq_len=64)
+    assert len(choices) == model.config.num_hidden_layers and all(c.shape == (256, 1) for c in choices)
+    assert all(((c >= 0) & (c < 4)).all() for c in choices)
+    cov = coverage(choices, 4, [1, 2, 64])
+    assert cov[0].measured == 1.0 and abs(cov[0].expected - 1.0) < 1e-12
+    dense_bytes, (moe_total, expert) = weight_bytes(dense)[0], byte_counts(tmp_path / "moe")
+    bounds = [bytes_bound(dense_bytes, moe_total, expert, 4, c.measured) for c in cov]
+    assert abs(bounds[0] - dense_bytes / weight_bytes(tmp_path / "moe")[1]) < 1e-9
+    assert bounds[0] > bounds[1] > bounds[2]
+    assert bounds[2] >= dense_bytes / moe_total - 1e-9  # at most every expert of every layer is read

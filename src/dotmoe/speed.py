@@ -4,8 +4,11 @@ Protocol: same dtype and threads for both; both models loaded, one warm-up round
 the dense model and the MoE (once per experts implementation) are timed alternately; medians are reported. Prefill =
 one forward over [batch, prompt] tokens. Decode = `new_tokens` single-token forwards with the KV cache after
 that prefill (greedy, no early stop), i.e. what `generate` does without its sampling overhead. The bytes-read
-bound is dense weight bytes / weights a batch-1 decode step must read (non-expert weights + k of E experts):
-the speedup a memory-bound decoder could reach.
+bound of batch B is dense weight bytes / the weights one decode step of B tokens must read: the non-expert
+weights plus the experts those B tokens touch per layer, measured from the MoE's own routing of the bundled
+validation text (`dotmoe.expert_coverage`; k of E at batch 1, nearly all E at B >= E / k). It is the speedup a
+memory-bound decoder could reach; a measured ratio above it is flagged (the timing or the bound is wrong). The
+timed tokens are random ids, whose routing may differ from the text's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dotmoe.expert_coverage import bytes_bound
 
 EXPERT_IMPLEMENTATIONS = ("grouped_mm", "dotmoe_gather", "eager", "batched_mm")
 
@@ -65,6 +70,16 @@ def _median(times: list[tuple[float, float]]) -> Throughput:
 
 def weight_bytes(model_dir: str | Path) -> tuple[int, int]:
     """(bytes of all weights, bytes a batch-1 decode step reads) from config.json's dotmoe counts, or dense."""
+    total, expert = byte_counts(model_dir)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    k = cfg.get("num_experts_per_tok")
+    active = total if not experts else total - expert + expert * k // experts
+    return total, active
+
+
+def byte_counts(model_dir: str | Path) -> tuple[int, int]:
+    """(bytes of all weights, bytes of the routed experts' weights: tensors named `.experts.`)."""
     from safetensors import safe_open
 
     from dotmoe.guards import model_weight_files
@@ -82,11 +97,7 @@ def weight_bytes(model_dir: str | Path) -> tuple[int, int]:
                 total += size
                 if ".experts." in k:
                     expert += size
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
-    k = cfg.get("num_experts_per_tok")
-    active = total if not experts else total - expert + expert * k // experts
-    return total, active
+    return total, expert
 
 
 def _dtype_size(name: str) -> int:
@@ -162,9 +173,12 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
     dense_dir, moe_dir = resolve_model(dense_dir), resolve_model(moe_dir)  # a .gguf: its dequantized HF directory
     dense_bytes, _ = weight_bytes(dense_dir)
     _, moe_active = weight_bytes(moe_dir)
+    moe_bytes, expert_bytes = byte_counts(moe_dir)
     vocab = json.loads((Path(dense_dir) / "config.json").read_text())["vocab_size"]
     dense = load(dense_dir, dtype, device)
     moe = load(moe_dir, dtype, device, implementations[0], trust_remote_code)
+    covered = {c.batch: c for c in measure_coverage(moe, dense_dir, batches)}
+    num_experts = _experts(json.loads((Path(moe_dir) / "config.json").read_text()))
     impls = []
     for impl in implementations:
         try:
@@ -190,22 +204,58 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
         moe_tp = {i: _median(t) for i, t in moe_t.items()}
         best = max(moe_tp, key=lambda i: moe_tp[i].decode_tok_s)
         m = moe_tp[best]
+        c = covered.get(b)
+        bound = dense_bytes / moe_active if c is None else \
+            bytes_bound(dense_bytes, moe_bytes, expert_bytes, num_experts, c.measured)
         rows.append({"batch": b, "dense_prefill": d.prefill_tok_s, "dense_decode": d.decode_tok_s,
                      "moe_impl": best, "moe_prefill": m.prefill_tok_s, "moe_decode": m.decode_tok_s,
                      "prefill_ratio": m.prefill_tok_s / d.prefill_tok_s, "decode_ratio": m.decode_tok_s / d.decode_tok_s,
-                     "bytes_bound": dense_bytes / moe_active,
+                     "bytes_bound": bound, "batch1_bytes_bound": dense_bytes / moe_active,
+                     "experts_touched": None if c is None else c.measured,
+                     "experts_touched_expected": None if c is None else c.expected,
+                     "bytes_bound_expected": None if c is None else
+                     bytes_bound(dense_bytes, moe_bytes, expert_bytes, num_experts, c.expected),
+                     "above_bound": m.decode_tok_s / d.decode_tok_s > bound,
                      "all_impls": {i: {"prefill": t.prefill_tok_s, "decode": t.decode_tok_s}
                                    for i, t in moe_tp.items()}})
     return rows
 
 
+COVERAGE_TOKENS = 4096  # tokens of the bundled validation text routed to measure which experts a batch touches
+
+
+def measure_coverage(moe, dense_dir: str | Path, batches: list[int]) -> list:
+    """Experts touched per layer at each batch size, from the MoE's routing of the bundled validation text (the
+    general-English split for a real model), or [] when the MoE's experts are not stock modules."""
+    from transformers import AutoTokenizer
+
+    from dotmoe.data import load_texts, tokenize_stream
+    from dotmoe.errors import DotMoeError
+    from dotmoe.expert_coverage import coverage, experts_modules, routing_choices
+    from dotmoe.paths import default_data_file
+
+    try:
+        modules = experts_modules(moe)
+    except DotMoeError:
+        return []
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", dense_dir))]), COVERAGE_TOKENS)
+    seq_len = min(256, len(ids))
+    return coverage(routing_choices(moe, ids, seq_len), modules[0].num_experts, batches)
+
+
 def format_rows(rows: list[dict], label: str = "") -> str:
     lines = [f"| {'model | ' if label else ''}batch | dense prefill tok/s | MoE prefill tok/s | prefill x | dense decode "
-             "tok/s | MoE decode tok/s | decode x | bytes bound x | decode / bound | MoE experts impl |",
-             f"|{'---|' if label else ''}---|---|---|---|---|---|---|---|---|---|"]
+             "tok/s | MoE decode tok/s | decode x | experts touched per layer (expected) | bytes bound x | "
+             "decode / bound | MoE experts impl |",
+             f"|{'---|' if label else ''}---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        touched = "-" if r.get("experts_touched") is None else \
+            f"{r['experts_touched']:.2f} ({r['experts_touched_expected']:.2f})"
+        ratio = r["decode_ratio"] / r["bytes_bound"]
+        flag = " ABOVE BOUND" if r.get("above_bound") else ""
         lines.append(f"| {label + ' | ' if label else ''}{r['batch']} | {r['dense_prefill']:.0f} | {r['moe_prefill']:.0f} | "
                      f"{r['prefill_ratio']:.2f} | {r['dense_decode']:.1f} | {r['moe_decode']:.1f} | "
-                     f"{r['decode_ratio']:.2f} | {r['bytes_bound']:.2f} | {r['decode_ratio'] / r['bytes_bound']:.2f} | "
+                     f"{r['decode_ratio']:.2f}x | {touched} | {r['bytes_bound']:.2f} | {ratio:.2f}{flag} | "
                      f"{r['moe_impl']} |")
     return "\n".join(lines)
