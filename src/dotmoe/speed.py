@@ -8,7 +8,7 @@ bound of batch B is dense weight bytes / the weights one decode step of B tokens
 weights plus the experts those B tokens touch per layer, measured from the MoE's own routing of the bundled
 validation text (`dotmoe.expert_coverage`; k of E at batch 1, nearly all E at B >= E / k). It is the speedup a
 memory-bound decoder could reach; a measured ratio above it is flagged (the timing or the bound is wrong). The
-timed tokens are random ids, whose routing may differ from the text's.
+timed prompts and decode tokens are windows of the same text, so the timed steps route as the bound assumes.
 """
 
 from __future__ import annotations
@@ -37,10 +37,17 @@ class Throughput:
 class Workload:
     """The fixed random prompt and decode tokens every model is timed on."""
 
-    def __init__(self, vocab: int, batch: int, prompt: int, new_tokens: int, device: str | torch.device):
-        gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
-        self.step_ids = torch.randint(0, vocab, (batch, new_tokens), generator=gen).to(device)
+    def __init__(self, vocab: int, batch: int, prompt: int, new_tokens: int, device: str | torch.device,
+                 text_ids: torch.Tensor | None = None):
+        """Prompts and decode tokens from `text_ids` (1-D: consecutive windows of real text, teacher-forced, so
+        the MoE routes as on text; repeated when too short), else random ids below `vocab`."""
+        span = prompt + new_tokens
+        if text_ids is not None and len(text_ids) >= span:
+            reps = -(-batch * span // len(text_ids))
+            rows = text_ids.repeat(reps)[: batch * span].view(batch, span)
+        else:
+            rows = torch.randint(0, vocab, (batch, span), generator=torch.Generator().manual_seed(0))
+        self.ids, self.step_ids = rows[:, :prompt].to(device), rows[:, prompt:].to(device)
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -177,7 +184,8 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
     vocab = json.loads((Path(dense_dir) / "config.json").read_text())["vocab_size"]
     dense = load(dense_dir, dtype, device)
     moe = load(moe_dir, dtype, device, implementations[0], trust_remote_code)
-    covered = {c.batch: c for c in measure_coverage(moe, dense_dir, batches)}
+    text = validation_ids(dense_dir)
+    covered = {c.batch: c for c in measure_coverage(moe, text, batches)}
     num_experts = _experts(json.loads((Path(moe_dir) / "config.json").read_text()))
     impls = []
     for impl in implementations:
@@ -188,7 +196,7 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
             log(f"experts implementation {impl}: unavailable ({str(exc).splitlines()[0][:120]})")
     rows = []
     for b in batches:
-        work = Workload(vocab, b, prompt, new_tokens, device)
+        work = Workload(vocab, b, prompt, new_tokens, device, text)
         dense_t: list[tuple[float, float]] = []
         moe_t: dict[str, list[tuple[float, float]]] = {i: [] for i in impls}
         for run in range(runs + 1):  # run 0 is the warm-up
@@ -224,24 +232,28 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
 COVERAGE_TOKENS = 4096  # tokens of the bundled validation text routed to measure which experts a batch touches
 
 
-def measure_coverage(moe, dense_dir: str | Path, batches: list[int]) -> list:
-    """Experts touched per layer at each batch size, from the MoE's routing of the bundled validation text (the
-    general-English split for a real model), or [] when the MoE's experts are not stock modules."""
+def validation_ids(dense_dir: str | Path) -> torch.Tensor:
+    """COVERAGE_TOKENS ids of the bundled validation text (the general-English split for a real model)."""
     from transformers import AutoTokenizer
 
     from dotmoe.data import load_texts, tokenize_stream
+    from dotmoe.paths import default_data_file
+
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    return tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", dense_dir))]), COVERAGE_TOKENS)
+
+
+def measure_coverage(moe, ids: torch.Tensor, batches: list[int]) -> list:
+    """Experts touched per layer at each batch size, from the MoE's routing of `ids`, or [] when the MoE's
+    experts are not stock modules."""
     from dotmoe.errors import DotMoeError
     from dotmoe.expert_coverage import coverage, experts_modules, routing_choices
-    from dotmoe.paths import default_data_file
 
     try:
         modules = experts_modules(moe)
     except DotMoeError:
         return []
-    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-    ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", dense_dir))]), COVERAGE_TOKENS)
-    seq_len = min(256, len(ids))
-    return coverage(routing_choices(moe, ids, seq_len), modules[0].num_experts, batches)
+    return coverage(routing_choices(moe, ids, min(256, len(ids))), modules[0].num_experts, batches)
 
 
 def format_rows(rows: list[dict], label: str = "") -> str:
