@@ -20,6 +20,8 @@ def test_bytes_bound_counts_k_of_e_experts_and_the_cli_prints_a_table(tmp_path, 
     total, active = weight_bytes(tmp_path / "moe")
     assert total == sum(size.values()) and active == total - experts + experts // 4
     assert weight_bytes(dense)[0] == weight_bytes(dense)[1]
+    # timed in bf16, a float32 checkpoint reads 2 bytes per weight (the bound compares what both runs read)
+    assert weight_bytes(tmp_path / "moe", 2) == (total // 2, active // 2)
 
     code = main(["bench", "speed", "--dense", str(dense), "--moe", str(tmp_path / "moe"), "--batch", "1,2",
                  "--prompt", "8", "--new-tokens", "2", "--runs", "1", "--dtype", "float32"])

@@ -75,9 +75,10 @@ def _median(times: list[tuple[float, float]]) -> Throughput:
     return Throughput(statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
 
 
-def weight_bytes(model_dir: str | Path) -> tuple[int, int]:
-    """(bytes of all weights, bytes a batch-1 decode step reads) from config.json's dotmoe counts, or dense."""
-    total, expert = byte_counts(model_dir)
+def weight_bytes(model_dir: str | Path, element_bytes: int | None = None) -> tuple[int, int]:
+    """(bytes of all weights, bytes a batch-1 decode step reads) from config.json's dotmoe counts, or dense;
+    `element_bytes`: as loaded in a dtype of that size (else as stored)."""
+    total, expert = byte_counts(model_dir, element_bytes)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     k = cfg.get("num_experts_per_tok")
@@ -85,8 +86,10 @@ def weight_bytes(model_dir: str | Path) -> tuple[int, int]:
     return total, active
 
 
-def byte_counts(model_dir: str | Path) -> tuple[int, int]:
-    """(bytes of all weights, bytes of the routed experts' weights: tensors named `.experts.`)."""
+def byte_counts(model_dir: str | Path, element_bytes: int | None = None) -> tuple[int, int]:
+    """(bytes of all weights, bytes of the routed experts' weights: tensors named `.experts.`), as stored, or with
+    `element_bytes` per element (the dtype the model is loaded in: a float32 dense checkpoint timed in bf16 reads
+    2 bytes per weight, not 4)."""
     from safetensors import safe_open
 
     from dotmoe.guards import model_weight_files
@@ -100,7 +103,7 @@ def byte_counts(model_dir: str | Path) -> tuple[int, int]:
                 n = 1
                 for s in sl.get_shape():
                     n *= s
-                size = n * _dtype_size(sl.get_dtype())
+                size = n * (element_bytes or _dtype_size(sl.get_dtype()))
                 total += size
                 if ".experts." in k:
                     expert += size
@@ -178,9 +181,10 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
     from dotmoe.gguf_input import resolve_model
 
     dense_dir, moe_dir = resolve_model(dense_dir), resolve_model(moe_dir)  # a .gguf: its dequantized HF directory
-    dense_bytes, _ = weight_bytes(dense_dir)
-    _, moe_active = weight_bytes(moe_dir)
-    moe_bytes, expert_bytes = byte_counts(moe_dir)
+    size = torch.empty(0, dtype=dtype).element_size()  # both models are timed in `dtype`, whatever they store
+    dense_bytes, _ = weight_bytes(dense_dir, size)
+    _, moe_active = weight_bytes(moe_dir, size)
+    moe_bytes, expert_bytes = byte_counts(moe_dir, size)
     vocab = json.loads((Path(dense_dir) / "config.json").read_text())["vocab_size"]
     dense = load(dense_dir, dtype, device)
     moe = load(moe_dir, dtype, device, implementations[0], trust_remote_code)
