@@ -162,12 +162,20 @@ def record(name: str, out: Path, wall: float | None) -> dict:
             **score(out)}
 
 
-def earlier_records(results: Path, present: set[str]) -> list[dict]:
+def earlier_records(results: Path, present: dict[str, dict]) -> list[dict]:
     """The rows of an earlier results file whose runs are not in this runs directory (a session's runs directory
-    may not outlive it, its measured rows must): kept as they were."""
+    may not outlive it, its measured rows must): kept as they were. An earlier start that scores otherwise than
+    this directory's (rebuilt by other code) stays too, as `start__earlier`: the kept runs trained from it."""
     if not results.is_file():
         return []
-    return [r for r in json.loads(results.read_text())["runs"] if r["recipe"] not in present]
+    earlier = json.loads(results.read_text())["runs"]
+    kept = [r for r in earlier if r["recipe"] not in present and r["recipe"] != "start"]
+    old = next((r for r in earlier if r["recipe"] == "start"), None)
+    new = present.get("start")
+    if old is not None and new is not None and old["wiki_test_ppl"] != new["wiki_test_ppl"] and \
+            not any(r["recipe"] == "start__earlier" for r in kept):
+        kept.append({**old, "recipe": "start__earlier"})
+    return kept
 
 
 def machine() -> str:
@@ -205,7 +213,7 @@ def render(model: str, records: list[dict], dense: dict, args) -> str:
                      f"{r.get('peak_rss_mb') or ''} |")
     lines += ["", "Recipes (ConvertConfig overrides; everything else at the defaults):", ""]
     lines += [f"- `{r}`: `{json.dumps(RECIPES[r])}`" for r in dict.fromkeys(x["recipe"].split("__")[0] for x in records)
-              if r != "start"]
+              if not r.startswith("start")]
     return "\n".join(lines) + "\n"
 
 
@@ -294,9 +302,9 @@ def main() -> None:
         wall = float(walls[0].read_text()) if walls else None
         records.append(record(name, out, wall))
     stem = RESULTS / f"train_recipes_{Path(args.model).name}_c{args.calib_tokens}{suffix}{args.results_tag}"
-    records += earlier_records(stem.with_suffix(".json"), {r["recipe"] for r in records})
-    records.sort(key=lambda r: (r["recipe"] != "start", list(RECIPES).index(r["recipe"].split("__")[0])
-                                if r["recipe"] != "start" else -1, r["recipe"]))
+    records += earlier_records(stem.with_suffix(".json"), {r["recipe"]: r for r in records})
+    records.sort(key=lambda r: (not r["recipe"].startswith("start"), list(RECIPES).index(r["recipe"].split("__")[0])
+                                if not r["recipe"].startswith("start") else -1, r["recipe"]))
     stem.with_suffix(".json").write_text(json.dumps({"dense": dense, "runs": records}, indent=1))
     stem.with_suffix(".md").write_text(render(Path(args.model).name, records, dense, args))
     plot(records, stem.parent / f"{stem.name}_val_curve.png")
