@@ -30,46 +30,37 @@ def test_bytes_bound_counts_k_of_e_experts_and_the_cli_prints_a_table(tmp_path, 
     assert len([line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]) == 2
 
 
-def test_gather_experts_kernel_matches_stock_grouped_mm(tmp_path):
+def _check_kernel_against_stock(tmp_path, impl: str, shapes, prompt: torch.Tensor) -> None:
+    """A qwen3 MoE export with uneven expert sizes (zero-padded blocks): `impl` gives stock grouped_mm's logits on
+    random ids of each shape and the same greedy tokens from `prompt`."""
     from transformers import AutoModelForCausalLM
 
-    import dotmoe.fast_experts  # noqa: F401  registers "dotmoe_gather"
+    import dotmoe.fast_experts  # noqa: F401  registers "dotmoe_gather" and "dotmoe_all"
 
     dense = save_tiny("qwen3", tmp_path / "dense")
     export(fake_conversion(dense, tmp_path / "conv", experts=4, top_k=2, capacities=[10, 12, 13, 13]),
            tmp_path / "moe", check_tokens=0, progress=False)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
     fast = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32,
-                                                experts_implementation="dotmoe_gather").eval()
+                                                experts_implementation=impl).eval()
     with torch.no_grad():
-        for shape in ((1, 7), (3, 40)):  # 14 pairs: the gather path; 240 pairs: falls back to grouped_mm
+        for shape in shapes:
             ids = torch.randint(0, 8000, shape, generator=torch.Generator().manual_seed(0))
             assert (stock(input_ids=ids).logits - fast(input_ids=ids).logits).abs().max() < 1e-5
-        prompt = torch.arange(5).unsqueeze(0)
         assert torch.equal(stock.generate(prompt, max_new_tokens=6, do_sample=False),
                            fast.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_gather_experts_kernel_matches_stock_grouped_mm(tmp_path):
+    # 14 pairs: the gather path; 240 pairs: falls back to grouped_mm
+    _check_kernel_against_stock(tmp_path, "dotmoe_gather", ((1, 7), (3, 40)), torch.arange(5).unsqueeze(0))
 
 
 def test_all_experts_kernel_matches_stock_grouped_mm(tmp_path):
     """dotmoe_all (every expert in two batched matmuls, unchosen outputs weighted 0) computes what stock grouped_mm
-    does, uneven expert sizes (zero-padded blocks) included, and generates the same tokens."""
-    from transformers import AutoModelForCausalLM
-
-    import dotmoe.fast_experts  # noqa: F401  registers "dotmoe_all"
-
-    dense = save_tiny("qwen3", tmp_path / "dense")
-    export(fake_conversion(dense, tmp_path / "conv", experts=4, top_k=2, capacities=[10, 12, 13, 13]),
-           tmp_path / "moe", check_tokens=0, progress=False)
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
-    fast = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32,
-                                                experts_implementation="dotmoe_all").eval()
-    with torch.no_grad():
-        for shape in ((1, 1), (8, 1), (4, 7), (3, 40)):  # decode steps, a short prefill, 240 pairs (grouped_mm)
-            ids = torch.randint(0, 8000, shape, generator=torch.Generator().manual_seed(0))
-            assert (stock(input_ids=ids).logits - fast(input_ids=ids).logits).abs().max() < 1e-5
-        prompt = torch.arange(10).view(2, 5)
-        assert torch.equal(stock.generate(prompt, max_new_tokens=6, do_sample=False),
-                           fast.generate(prompt, max_new_tokens=6, do_sample=False))
+    does and generates the same tokens."""
+    # decode steps, a short prefill, 240 pairs (grouped_mm)
+    _check_kernel_against_stock(tmp_path, "dotmoe_all", ((1, 1), (8, 1), (4, 7), (3, 40)), torch.arange(10).view(2, 5))
 
 
 def test_experts_touched_by_a_batch_measured_and_expected():

@@ -23,10 +23,16 @@ NAME = "dotmoe_gather"
 SMALL_STEP_PAIRS = 64
 
 
+def _stock_step(experts, top_k_index: torch.Tensor) -> bool:
+    """A step these kernels leave to stock `grouped_mm`: more than SMALL_STEP_PAIRS token-expert pairs (prefill),
+    or experts with biases or without a gate."""
+    return top_k_index.numel() > SMALL_STEP_PAIRS or experts.has_bias or not experts.has_gate
+
+
 def gather_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """hidden_states [S, d], top_k_index / top_k_weights [S, k] -> [S, d] (sum of weighted expert outputs)."""
-    if top_k_index.numel() > SMALL_STEP_PAIRS or self.has_bias or not self.has_gate:
+    if _stock_step(self, top_k_index):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if hidden_states.shape[0] == 1:  # batch-1 decoding: k matrix-vector products on weight views, nothing else
         out = None
@@ -66,7 +72,7 @@ def all_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     (batch 8 of E=8, k=2 touches ~7 of 8 per layer), where the per-expert paths pay more in kernel launches than
     they save in bytes; the compute grows by E / k, which a memory-bound decode step does not notice. Larger steps
     (more than SMALL_STEP_PAIRS token-expert pairs) go to transformers' `grouped_mm`."""
-    if top_k_index.numel() > SMALL_STEP_PAIRS or self.has_bias or not self.has_gate:
+    if _stock_step(self, top_k_index):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     experts, tokens = self.num_experts, hidden_states.shape[0]
     # routing weight of (token, expert), 0 where not chosen; out-of-range indices (sentinels) go to a spare column

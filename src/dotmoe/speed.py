@@ -183,14 +183,15 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
     dense_dir, moe_dir = resolve_model(dense_dir), resolve_model(moe_dir)  # a .gguf: its dequantized HF directory
     size = torch.empty(0, dtype=dtype).element_size()  # both models are timed in `dtype`, whatever they store
     dense_bytes, _ = weight_bytes(dense_dir, size)
-    _, moe_active = weight_bytes(moe_dir, size)
     moe_bytes, expert_bytes = byte_counts(moe_dir, size)
+    moe_config = json.loads((Path(moe_dir) / "config.json").read_text())
+    num_experts = _experts(moe_config)
+    batch1_bound = bytes_bound(dense_bytes, moe_bytes, expert_bytes, num_experts, moe_config["num_experts_per_tok"])
     vocab = json.loads((Path(dense_dir) / "config.json").read_text())["vocab_size"]
     dense = load(dense_dir, dtype, device)
     moe = load(moe_dir, dtype, device, implementations[0], trust_remote_code)
     text = validation_ids(dense_dir)
     covered = {c.batch: c for c in measure_coverage(moe, text, batches)}
-    num_experts = _experts(json.loads((Path(moe_dir) / "config.json").read_text()))
     impls = []
     for impl in implementations:
         try:
@@ -217,12 +218,11 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
         best = max(moe_tp, key=lambda i: moe_tp[i].decode_tok_s)
         m = moe_tp[best]
         c = covered.get(b)
-        bound = dense_bytes / moe_active if c is None else \
-            bytes_bound(dense_bytes, moe_bytes, expert_bytes, num_experts, c.measured)
+        bound = batch1_bound if c is None else bytes_bound(dense_bytes, moe_bytes, expert_bytes, num_experts, c.measured)
         rows.append({"batch": b, "dense_prefill": d.prefill_tok_s, "dense_decode": d.decode_tok_s,
                      "moe_impl": best, "moe_prefill": m.prefill_tok_s, "moe_decode": m.decode_tok_s,
                      "prefill_ratio": m.prefill_tok_s / d.prefill_tok_s, "decode_ratio": m.decode_tok_s / d.decode_tok_s,
-                     "bytes_bound": bound, "batch1_bytes_bound": dense_bytes / moe_active,
+                     "bytes_bound": bound, "batch1_bytes_bound": batch1_bound,
                      "experts_touched": None if c is None else c.measured,
                      "experts_touched_expected": None if c is None else c.expected,
                      "bytes_bound_expected": None if c is None else

@@ -488,9 +488,8 @@ def check_eval_tokens(count: int, files: list[str]) -> None:
 
 def _accelerator(cfg: ConvertConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
     from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
 
     if AcceleratorState._shared_state and PartialState().num_processes == 1 and \
             AcceleratorState().mixed_precision != cfg.mixed_precision:
