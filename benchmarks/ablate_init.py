@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dotmoe.config import ConvertConfig
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 
 def main() -> None:

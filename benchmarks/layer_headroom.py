@@ -109,7 +109,7 @@ def refined_partition(moe: Moe, part: torch.Tensor, router: torch.Tensor, rounds
     to (balanced OT + greedy rounding, the partition's own machinery), then refit the least-squares router."""
     from dotmoe.rounding import greedy_round
     from dotmoe.sinkhorn import sinkhorn_log
-    from dotmoe.train import lstsq_router
+    from dotmoe.layer_setup import lstsq_router
 
     fit = slice(0, moe.layer.cut)
     energy = moe.layer.contrib[fit].pow(2)
@@ -160,7 +160,8 @@ def main() -> None:
     from real_models import model_dir
 
     from dotmoe.config import ConvertConfig
-    from dotmoe.train import calibrate_layer, prepare
+    from dotmoe.layer_setup import calibrate_layer
+    from dotmoe.prepare import prepare
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")

@@ -23,7 +23,7 @@ import torch
 from dotmoe.config import ConvertConfig
 from dotmoe.evaluate import EvalConfig, evaluate
 from dotmoe.paths import reference_model_dir
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 EVAL_TOKENS = 32_768
 

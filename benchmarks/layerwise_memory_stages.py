@@ -45,11 +45,12 @@ def main() -> None:
     import transformers  # noqa: F401
 
     import dotmoe.layerwise as layerwise
-    import dotmoe.train as train
+    import dotmoe.prepare as prepare
+    from dotmoe.convert import convert
     from dotmoe.config import ConvertConfig
     mark("imports (torch, transformers, dotmoe)")
 
-    materialize, train_layer, preflight = layerwise._materialize, layerwise._train_layer, train.preflight
+    materialize, train_layer, preflight = layerwise._materialize, layerwise._train_layer, prepare.preflight
 
     def traced_materialize(module, prefix, src):
         materialize(module, prefix, src)
@@ -64,14 +65,14 @@ def main() -> None:
         mark("tokenized data + meta skeleton")
         return preflight(*a, **k)
 
-    layerwise._materialize, layerwise._train_layer, train.preflight = (traced_materialize, traced_train_layer,
-                                                                       traced_preflight)
+    layerwise._materialize, layerwise._train_layer, prepare.preflight = (traced_materialize, traced_train_layer,
+                                                                         traced_preflight)
     if args.no_trim:
         layerwise.return_freed_memory = lambda: None
     with tempfile.TemporaryDirectory() as out:
         cfg = ConvertConfig(model=args.model, out=out, mode="layerwise", layer_steps=10, tokens=1, calib_tokens=2048,
                             seq_len=256, batch_size=4, export_format="none", eval_tokens=512)
-        train.convert(cfg, progress=False)
+        convert(cfg, progress=False)
     mark("done")
 
 

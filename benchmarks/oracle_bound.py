@@ -69,7 +69,8 @@ def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]
     from dotmoe.moe_mlp import install_moe
     from dotmoe.refit import moe_problem, refit_sequentially
     from dotmoe.rounding import one_hot_assignment
-    from dotmoe.train import calibration_sequences, initial_partitions, prepare
+    from dotmoe.layer_setup import initial_partitions
+    from dotmoe.prepare import calibration_sequences, prepare
 
     top_k = round(active * experts)
     cfg = ConvertConfig(model=str(model_dir(args.model)), experts=experts, top_k=top_k, tokens=0,
@@ -105,7 +106,7 @@ def main() -> None:
     from dotmoe.architecture import find_gated_mlps
     from dotmoe.config import ConvertConfig
     from dotmoe.refit import refit_sequentially
-    from dotmoe.train import calibration_sequences, prepare
+    from dotmoe.prepare import calibration_sequences, prepare
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")

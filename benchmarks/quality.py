@@ -25,7 +25,7 @@ from dotmoe.config import ConvertConfig
 from dotmoe.evaluate import EvalConfig, evaluate
 from dotmoe.paths import reference_model_dir
 from dotmoe.plots import load_heatmap, ppl_vs_active, recon_per_layer
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 METHODS = ["dotmoe", "random", "sequential", "weight-kmeans", "activation", "hidden-kmeans-router"]
 

@@ -29,7 +29,8 @@ from dotmoe.real_models import real_model_dir
 from dotmoe.refit import fit_layer, moe_problem, refit_sequentially
 from dotmoe.rounding import one_hot_assignment
 from dotmoe.router import RouterOutput
-from dotmoe.train import LSTSQ_ROUTER_SCALE, calibration_sequences, initial_partitions, prepare
+from dotmoe.layer_setup import LSTSQ_ROUTER_SCALE, initial_partitions
+from dotmoe.prepare import calibration_sequences, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -7,7 +7,7 @@ from torch import nn
 from dotmoe.calibration_methods import (FIRE_FRACTION, activation_partition, hidden_kmeans_partition,
                                         neuron_activations, prune_keep)
 from dotmoe.config import ConvertConfig
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 
 class GatedMLP(nn.Module):
@@ -107,7 +107,7 @@ def test_lstsq_router_is_the_ridge_fit_of_its_target(tiny_llama_dir, top_k):
     import numpy as np
 
     from dotmoe.architecture import find_gated_mlps, load_causal_lm
-    from dotmoe.train import LSTSQ_ROUTER_SCALE, lstsq_router
+    from dotmoe.layer_setup import LSTSQ_ROUTER_SCALE, lstsq_router
 
     model, _ = load_causal_lm(tiny_llama_dir)
     mlp = find_gated_mlps(model)[0][1]
@@ -143,7 +143,7 @@ def test_pruning_plus_distillation_starts_at_the_pruned_model_and_distills_again
 
     from dotmoe.data import batch_order
     from dotmoe.paths import default_data_file, reference_model_dir
-    from dotmoe.train import prepare
+    from dotmoe.prepare import prepare
 
     model = reference_model_dir()  # a trained model on its own text: the KL is far from 0 and measurable
     data = dict(data=[str(default_data_file("train", str(model)))],

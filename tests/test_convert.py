@@ -9,7 +9,7 @@ from dotmoe.artifacts import load_conversion
 from dotmoe.cli import main
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 
 def _cfg(model, data, out, **kw):
@@ -149,7 +149,7 @@ def test_default_shared_and_dropped_columns_hold_the_budget_and_export_exactly(t
     import json
 
     from dotmoe.output_aware import neuron_importance
-    from dotmoe.train import calibration_sequences, prepare
+    from dotmoe.prepare import calibration_sequences, prepare
 
     cfg = _cfg(tiny_llama_dir, tiny_text, tmp_path / "o", shared_fraction=None, tokens=0, export_format="auto")
     result = convert(cfg, progress=False)

@@ -111,7 +111,7 @@ def test_fsdp_config_on_a_machine_without_gpu_is_refused_not_silently_ddp(tiny_l
                                                                           monkeypatch):
     from dotmoe.config import ConvertConfig
     from dotmoe.errors import DotMoeError
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
     out = tmp_path / "o"

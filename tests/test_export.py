@@ -217,7 +217,7 @@ def test_unsupported_architectures_are_named():
 
 def test_convert_exports_trained_expert_weights_exactly(tiny_llama_dir, tiny_text, tmp_path):
     from dotmoe.config import ConvertConfig
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     cfg = ConvertConfig(shared_fraction=0.0, model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
                         out=str(tmp_path / "conv"), experts=4, top_k=2, tokens=4 * 4 * 32, seq_len=32, batch_size=4,

@@ -17,7 +17,8 @@ from dotmoe.artifacts import load_conversion
 from dotmoe.cli import main
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
-from dotmoe.train import MoeTrainingModule, convert
+from dotmoe.convert import convert
+from dotmoe.train import MoeTrainingModule
 
 
 def _cfg(model, data, out, **kw):

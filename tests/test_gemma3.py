@@ -12,7 +12,7 @@ from dotmoe.errors import DotMoeError
 from dotmoe.export import export
 from dotmoe.export_formats import plan_export
 from dotmoe.sparse_model import load_sparse_model
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 EXPORT_CASES = [  # gating, k, shared
     ("softmax", 1, 0), ("softmax", 2, 0), ("mask", 1, 0), ("mask", 3, 0),

@@ -53,7 +53,7 @@ def case_hashes(root: Path, name: str) -> dict[str, str]:
     from conftest import save_tiny_llama, write_tiny_text
 
     from dotmoe.config import ConvertConfig
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     model = root / "model" if (root / "model").is_dir() else save_tiny_llama(root / "model")
     text = root / "train.txt" if (root / "train.txt").is_file() else write_tiny_text(root / "train.txt")

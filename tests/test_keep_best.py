@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dotmoe.train import convert
+from dotmoe.convert import convert
 from test_convert import _cfg
 
 

@@ -4,7 +4,7 @@ import torch
 
 from dotmoe.config import ConvertConfig
 from dotmoe.sparse_model import load_sparse_model
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 
 def _cfg(model, data, out, **kw):

@@ -60,7 +60,7 @@ def test_demo_refuses_results_it_did_not_write_before_any_work(tmp_path, capsys)
 
 
 def test_demo_passes_its_token_options_on(tmp_path, capsys, monkeypatch):
-    import dotmoe.train
+    import dotmoe.convert
     from dotmoe.errors import DotMoeError
 
     seen = []
@@ -69,7 +69,7 @@ def test_demo_passes_its_token_options_on(tmp_path, capsys, monkeypatch):
         seen.append(cfg)
         raise DotMoeError("stopped by the test")
 
-    monkeypatch.setattr(dotmoe.train, "convert", stop)
+    monkeypatch.setattr(dotmoe.convert, "convert", stop)
     assert "stopped by the test" in cli_error(["demo", "--out", str(tmp_path / "d"), "--tokens", "4096",
                                                "--eval-tokens", "2048", "--calib-tokens", "1024"], capsys)
     assert (seen[0].tokens, seen[0].eval_tokens, seen[0].calib_tokens, seen[0].method) == (4096, 2048, 1024, "dotmoe")

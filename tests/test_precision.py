@@ -46,7 +46,7 @@ def test_bf16_conversion_is_close_to_fp32(tiny_llama_dir, tiny_text, tmp_path):
     import json
 
     from dotmoe.config import ConvertConfig
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     ratios = {}
     for name in ("fp32", "bf16"):

@@ -44,7 +44,7 @@ def smollm2():
 
 
 def _convert(model, method, top_k, out, refit_down=True):
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     cfg = ConvertConfig(model=str(model), method=method, experts=8, top_k=top_k, tokens=0, out=str(out),
                         refit_down=refit_down,
@@ -68,7 +68,7 @@ def test_one_distillation_step_beats_its_training_free_start_on_smollm2(smollm2,
     partition, routers and refitted down projections), one step of 4 x 256 tokens of distillation with every weight
     training lowers the validation perplexity (the full-size recipes: benchmarks/results/train_recipes_*.md), and the
     run ends at its best validation point."""
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     common = dict(model=str(smollm2), experts=8, top_k=2, calib_tokens=2048, eval_tokens=1024, batch_size=4,
                   eval_data=[str(reference_data_file("wiki_validation"))], export_format="none",
@@ -90,7 +90,7 @@ def test_short_distillation_beats_its_training_free_start_on_smollm2(smollm2, tm
     refitted down projections), two steps of 8 x 256 tokens of distillation with every weight training (the
     recipe of benchmarks/results/train_recipes_smollm2-135m-instruct_c16384.md) lower the validation perplexity, and the
     run ends at its best validation point."""
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     common = dict(model=str(smollm2), experts=8, top_k=2, calib_tokens=4096, eval_tokens=2048,
                   eval_data=[str(reference_data_file("wiki_validation"))], export_format="none", precision="fp32")

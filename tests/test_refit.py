@@ -122,7 +122,7 @@ def test_conversion_refit_improves_perplexity_and_exports_it(method, tmp_path):
     refitted down projections are what the export carries (convert's own parity check compares the reloaded
     export with the sparse model)."""
     from dotmoe.paths import reference_data_file
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     common = dict(method=method, experts=8, top_k=2, tokens=0, calib_tokens=4096, eval_tokens=4096,
                   eval_data=[str(reference_data_file("validation"))])
@@ -176,7 +176,7 @@ def test_trained_conversion_refits_before_training_with_an_exact_teacher(trainab
     import json
 
     from dotmoe.paths import reference_data_file
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     common = dict(method="dotmoe", experts=8, top_k=2, tokens=256, batch_size=2, seq_len=128, calib_tokens=2048,
                   eval_tokens=2048, eval_data=[str(reference_data_file("validation"))], export_format="none",
@@ -292,7 +292,7 @@ def test_calibrate_on_converted_inputs(method, tiny_llama_dir, tiny_text, tmp_pa
     """--calibrate-on converted: layer 0 (same inputs either way) gets the dense-calibrated choice; the conversion
     exports with parity; settings it cannot honour are refused."""
     from dotmoe.errors import DotMoeError
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     common = dict(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)], method=method,
                   experts=4, top_k=2, tokens=0, seq_len=32, calib_tokens=512, eval_tokens=256)
@@ -311,7 +311,7 @@ def test_lstsq_topk_router_is_fitted_even_when_the_partition_needs_no_activation
     """weight-kmeans partition, no dropped neurons: only the router needs calibration inputs, and --init-router
     lstsq-topk must still get them (it used to fall back to the random init)."""
     from dotmoe.artifacts import load_conversion
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     common = dict(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)], experts=4, top_k=2,
                   tokens=0, seq_len=32, calib_tokens=512, eval_tokens=256, init_affinity="weight-kmeans", shared=0,
@@ -326,7 +326,7 @@ def test_lstsq_topk_router_is_fitted_even_when_the_partition_needs_no_activation
 
 def test_refit_after_training_is_an_option(tmp_path, refit_calls):
     """Frozen FFN weights, refit before training: no second refit after it unless refit_after_training."""
-    import dotmoe.train as train
+    from dotmoe.convert import convert
     from dotmoe.paths import reference_data_file
 
     calls = refit_calls
@@ -334,10 +334,10 @@ def test_refit_after_training_is_an_option(tmp_path, refit_calls):
                   eval_tokens=512,
                   eval_data=[str(reference_data_file("validation"))], export_format="none",
                   precision="fp32")  # the bf16 mode (`auto` on an AMX CPU) is not what this test is about
-    once = train.convert(ConvertConfig(**common, out=str(tmp_path / "once")), progress=False).summary
+    once = convert(ConvertConfig(**common, out=str(tmp_path / "once")), progress=False).summary
     assert calls == [True]  # before training, keeping the dense teacher's down projections
-    twice = train.convert(ConvertConfig(**common, refit_after_training=True, out=str(tmp_path / "twice")),
-                          progress=False).summary
+    twice = convert(ConvertConfig(**common, refit_after_training=True, out=str(tmp_path / "twice")),
+                    progress=False).summary
     assert calls == [True, True, False]
     assert once["val_ppl"] != twice["val_ppl"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dotmoe.config import DEFAULT_TRAIN_TOKENS, ConvertConfig
-from dotmoe.train import convert
+from dotmoe.convert import convert
 
 
 def test_default_tokens_train_in_the_joint_mode_only():

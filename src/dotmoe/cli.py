@@ -107,7 +107,7 @@ def build_convert_config(args: argparse.Namespace):
 def cmd_convert(args: argparse.Namespace) -> None:
     from dotmoe.errors import Interrupted
     from dotmoe.guards import convert_hint
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     cfg = build_convert_config(args)
     if args.config:
@@ -228,7 +228,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
     from dotmoe.config import ConvertConfig
-    from dotmoe.train import convert
+    from dotmoe.convert import convert
 
     from dotmoe.guards import check_convert_output
 

@@ -239,7 +239,7 @@ class ConvertConfig:
     def _check_ranges(self) -> None:
         """Every number in range, not only of the right type: floats finite, counts >= 0, learning rates,
         temperatures and the init scale > 0, the seed a valid RNG seed, and enough evaluation tokens."""
-        from dotmoe.guards import MIN_EVAL_TOKENS
+        from dotmoe.perplexity import MIN_EVAL_TOKENS
 
         for f in fields(self):
             value = getattr(self, f.name)
@@ -354,6 +354,14 @@ class ConvertConfig:
         if hasattr(self, "requested_shared"):
             new.requested_shared = self.requested_shared
         return new
+
+    def global_phase(self) -> "ConvertConfig":
+        """The joint run that continues a layer-wise pass in `out/layerwise` (`global_tokens` of KL training)."""
+        from dotmoe.run_dir import LAYERWISE_DIR
+
+        # overwrite is off: OUT was cleared (when asked) before the layer-wise pass
+        return self.derive(mode="joint", tokens=self.global_tokens, global_tokens=0,
+                           init_from=str(Path(self.out) / LAYERWISE_DIR), overwrite=False)
 
     def to_dict(self, requested: bool = False) -> dict:
         """The fields as a dict; `requested=True` gives shared/drop as the user asked for them (None = derived from

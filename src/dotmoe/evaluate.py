@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from dotmoe.errors import DotMoeError
-from dotmoe.guards import MIN_EVAL_TOKENS, check_report_destination
+from dotmoe.guards import check_report_destination
+from dotmoe.perplexity import MIN_EVAL_TOKENS
 
 
 @dataclass

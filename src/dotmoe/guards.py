@@ -22,7 +22,6 @@ from dotmoe.errors import DotMoeError, Interrupted
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-MIN_EVAL_TOKENS = 128  # perplexity on fewer tokens than this is noise, not a measurement
 
 from dotmoe.run_dir import (BEST_STATE, CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR,  # noqa: F401
                             RUN_FILES, foreign_entries, foreign_export_entries, is_leftover, is_temporary,
@@ -273,10 +272,8 @@ def _check_resume_target(out: Path, cfg) -> None:
     (the run checks again when it reads it)."""
 
     if cfg.mode == "layerwise" and cfg.global_tokens:
-        from dotmoe.layerwise import global_phase
-
         if (out / CHECKPOINT).is_file():  # the global phase's own checkpoint
-            check_resume_settings(out / CHECKPOINT, _peek_settings(out / CHECKPOINT), resume_key(global_phase(cfg)))
+            check_resume_settings(out / CHECKPOINT, _peek_settings(out / CHECKPOINT), resume_key(cfg.global_phase()))
             return
         path, mine = out / LAYERWISE_DIR / LAYERWISE_CHECKPOINT, resume_key(cfg, "global_tokens")
         if (out / LAYERWISE_DIR / COMPLETE).is_file():

@@ -71,7 +71,7 @@ def return_freed_memory() -> None:
 def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, caps: torch.Tensor,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """OT assignment + router for one FFN on its dense inputs x [T, d] and outputs y [T, d]."""
-    from dotmoe.train import layer_partition, lstsq_router, partition_kind
+    from dotmoe.layer_setup import layer_partition, lstsq_router, partition_kind
 
     gen = torch.Generator().manual_seed(seed)
     part, router_init = layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop)
@@ -129,7 +129,7 @@ def _resume_key(cfg: ConvertConfig) -> dict:
 
 def _load_checkpoint(path: Path, cfg: ConvertConfig, num_layers: int) -> dict | None:
     """The layer-wise checkpoint at `path` (None when there is none), checked against this run's settings."""
-    from dotmoe.train import load_checkpoint
+    from dotmoe.checkpoints import load_checkpoint
 
     if not path.is_file():
         return None
@@ -148,7 +148,8 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     """Layer-wise conversion (see module doc), then the optional global KL phase; writes the same outputs as
     `convert` and exports."""
     from dotmoe.artifacts import mark_complete, read_meta
-    from dotmoe.train import ConvertResult, convert_joint, export_and_record
+    from dotmoe.conversion_result import ConvertResult, export_and_record
+    from dotmoe.train import convert_joint
 
     out = Path(cfg.out)
     if not cfg.global_tokens:
@@ -166,15 +167,8 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
         _layerwise_pass(cfg, first, progress)  # returns before the joint phase loads the model: nothing held
         mark_complete(first)
         (first / LAYERWISE_CHECKPOINT).unlink(missing_ok=True)
-    return convert_joint(global_phase(cfg), progress)
+    return convert_joint(cfg.global_phase(), progress)
 
-
-def global_phase(cfg: ConvertConfig) -> ConvertConfig:
-    """The joint run that continues a layer-wise pass in `cfg.out/layerwise` (`global_tokens` of KL training)."""
-
-    # overwrite is off: OUT was cleared (when asked) before the layer-wise pass
-    return cfg.derive(mode="joint", tokens=cfg.global_tokens, global_tokens=0,
-                   init_from=str(Path(cfg.out) / LAYERWISE_DIR), overwrite=False)
 
 
 def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torch.Tensor, dict]:
@@ -183,7 +177,8 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
 
     from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
-    from dotmoe.train import calibration_sequences, check_eval_tokens, preflight, save_checkpoint
+    from dotmoe.checkpoints import save_checkpoint
+    from dotmoe.prepare import calibration_sequences, check_eval_tokens, preflight
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)

@@ -14,6 +14,8 @@ import math
 import torch
 from tqdm import tqdm
 
+MIN_EVAL_TOKENS = 128  # perplexity on fewer tokens than this is noise, not a measurement
+
 
 def _windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over n tokens."""

@@ -73,7 +73,7 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
     run's `dotmoe.precision.PrecisionChoice` (None: fp32); the model is saved in fp32 either way."""
     from pathlib import Path
 
-    from dotmoe.train import ConvertResult
+    from dotmoe.conversion_result import ConvertResult
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -97,7 +97,7 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
     refit_errors = refit_ridges = None
     if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
         from dotmoe.refit import refit_sequentially, stream_target
-        from dotmoe.train import calibration_sequences
+        from dotmoe.prepare import calibration_sequences
 
         problems = [_pruned_problem(mlp, kept, i) for i, mlp in enumerate(prep.mlps)]
         calib = calibration_sequences(prep.seqs, cfg)
@@ -114,7 +114,7 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
     if refit_errors is not None:
         peaks.mark("refit")
     prepare_output(out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
-    from dotmoe.train import preflight
+    from dotmoe.prepare import preflight
 
     preflight(out, cfg, model, checkpoints=False)  # writable, with room for the model, before any distillation
     trained = None

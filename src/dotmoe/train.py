@@ -20,26 +20,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dotmoe.architecture import find_gated_mlps, load_causal_lm
 from dotmoe.assignment import AssignmentStats, NeuronAssigner
+from dotmoe.checkpoints import load_checkpoint, save_checkpoint
 from dotmoe.config import ConvertConfig
-from dotmoe.data import batch_order, load_texts, pack_sequences, tokenize_stream
+from dotmoe.conversion_result import ConvertResult, export_and_record
+from dotmoe.data import batch_order
 from dotmoe.dense_ppl_cache import dense_perplexity
 from dotmoe.distill_dense import teacher_copy
-from dotmoe.errors import DotMoeError, Interrupted, write_failure
-from dotmoe.guards import (BEST_STATE, CHECKPOINT, MIN_EVAL_TOKENS, check_convert_output, check_finite, check_resume_settings,
-                           check_seq_len, prepare_output, resume_key, stop_at_step_boundaries, stop_requested,
-                           write_probe)
-from dotmoe.layer_runner import map_layer_inputs
+from dotmoe.errors import DotMoeError, Interrupted
+from dotmoe.guards import (BEST_STATE, CHECKPOINT, check_resume_settings, prepare_output, resume_key,
+                           stop_at_step_boundaries, stop_requested)
+from dotmoe.layer_setup import (calibrate_during_refit, initial_partitions, partition_kind, refitted_down_projections,
+                                starting_point)
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
-from dotmoe.partitions import random_partition, sequential_partition, weight_kmeans_partition
 from dotmoe.perplexity import perplexity
-from dotmoe.precision import autocast_dtype, choose_precision, resolve_mixed_precision
-from dotmoe.step_profile import StepProfiler
-from dotmoe.training_memory import check_training_memory, use_gradient_checkpointing
+from dotmoe.precision import autocast_dtype, choose_precision
+from dotmoe.prepare import Prepared, calibration_sequences, preflight, prepare
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
+from dotmoe.step_profile import StepProfiler
+from dotmoe.training_memory import check_training_memory, use_gradient_checkpointing
 
 
 class MoeTrainingModule(nn.Module):
@@ -84,49 +85,12 @@ class MoeTrainingModule(nn.Module):
                 "load_cv": torch.tensor(expert_load_cv(routed)), "marginal_error": torch.tensor(marginal_error)}
 
 
-@dataclass
-class ConvertResult:
-    """What a conversion produced: output dir, final partition [L, N] and the summary written to it."""
-
-    out_dir: Path
-    partition: torch.Tensor
-    summary: dict
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-# Scale of the lstsq router's logits (standardised scores times this). Softer logits bring the selected experts'
-# softmax gates (k * p_e / sum_topk p) closer to 1, i.e. closer to the dense FFN; the top-k choice is unchanged.
-# SmolLM2-135M, E=8/k=2, training-free: PPL ratio 39.4 / 34.6 / 35.1 / 35.7 at 1 / 0.3 / 0.1 / 0.01, and with the
-# down-projection refit 6.02 at 1 vs 5.60 at 0.3.
-LSTSQ_ROUTER_SCALE = 0.3
-ROUTER_FIT_CHUNK = 4096  # tokens per chunk of the router fit's contribution norms
-
-
-def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_experts: int,
-                 top_k: int | None = None) -> torch.Tensor:
-    """Analytic router init: least-squares map x -> standardised norm of each expert's output contribution
-    ||(|h_i| * ||W_down[:, i]||)_{i in e}|| (output-aware: a neuron with a large down projection counts more),
-    times LSTSQ_ROUTER_SCALE. With `top_k`: onto the standardised indicator of each token's top-k experts by that
-    norm (the oracle's choice) instead of the norms themselves."""
-    from dotmoe.output_aware import neuron_contributions
-
-    members = [partition == e for e in range(num_experts)]
-    scores = []
-    for xs in x.split(ROUTER_FIT_CHUNK):  # in chunks: all tokens' contributions at once would be [tokens, N]
-        contrib = neuron_contributions(mlp, xs)
-        scores.append(torch.stack([contrib[:, m].norm(dim=-1) for m in members], dim=-1))
-    scores = torch.cat(scores)
-    if top_k:
-        scores = torch.zeros_like(scores).scatter_(-1, scores.topk(top_k, dim=-1).indices, 1.0)
-    scores = LSTSQ_ROUTER_SCALE * (scores - scores.mean(-1, keepdim=True)) / scores.std(-1, keepdim=True).clamp_min(1e-6)
-    ridge = 1e-3 * x.pow(2).mean()
-    w = torch.linalg.solve(x.t() @ x + ridge * x.shape[0] * torch.eye(x.shape[1]), x.t() @ scores)
-    return w.t().contiguous()
 
 
 def refits_down(cfg: ConvertConfig) -> bool:
@@ -155,176 +119,10 @@ def refit_moe_down(model: nn.Module, moes: list[MoeMLP], calib: torch.Tensor, pr
                               stream=stream_args, prepare=prepare)
 
 
-def layer_partition(kind: str, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor, shared: int,
-                    gen: torch.Generator, drop: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's starting partition [N] (shared column = id E, dropped column = id E+1) for a partition `kind`,
-    and the method's own analytic router [E, d] when it has one (activation, hidden-kmeans-router).
-
-    With `drop` > 0 every kind first drops the `drop` least important neurons (output-aware importance, as
-    pruning does) and partitions the rest its own way, so all methods lose the same neurons."""
-    from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
-    from dotmoe.output_aware import coactivation_partition, with_dropped_neurons
-
-    if drop:
-        return with_dropped_neurons(lambda sub, xs, sub_caps: layer_partition(kind, sub, xs, sub_caps, shared, gen),
-                                    mlp, x, caps, drop)
-    if kind == "activation":
-        return activation_partition(mlp, x, caps, shared, gen)
-    if kind == "hidden-kmeans-router":
-        return hidden_kmeans_partition(mlp, x, caps, shared, gen)
-    if kind == "coactivation":
-        return coactivation_partition(mlp, x, caps, shared, gen), None
-    if kind == "random":
-        return random_partition(caps, gen), None
-    if kind == "sequential":
-        return sequential_partition(caps), None
-    return weight_kmeans_partition(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), caps, gen), None
 
 
-def partition_kind(cfg: ConvertConfig) -> str:
-    """The partition a conversion starts from: the method's own, or for dotmoe its affinity init."""
-    return cfg.init_affinity if cfg.method == "dotmoe" else cfg.method
 
 
-def calibrate_layer(cfg: ConvertConfig, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's starting partition [N] and router [E, d] (the method's own, else the lstsq init when asked for
-    and x is given, else None) from its FFN inputs x [T, d]."""
-    part, router = layer_partition(partition_kind(cfg), mlp, x, caps, cfg.shared, gen, cfg.drop)
-    if router is None and cfg.init_router != "random" and x is not None:
-        router = lstsq_router(mlp, x, part, cfg.experts, cfg.router_fit_top_k)
-    return part, router
-
-
-def calibrate_during_refit(cfg: ConvertConfig, raw: "MoeTrainingModule", caps: torch.Tensor):
-    """`refit_sequentially`'s `prepare` for `calibrate_on: converted`: layer i's partition and router are chosen on
-    its inputs from the converted layers below (not the dense model's), then its down projection is refitted."""
-    from dotmoe.rounding import one_hot_assignment
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def prepare(i: int, x: torch.Tensor) -> None:
-        moe = raw.moes[i]
-        part, router = calibrate_layer(cfg, moe.dense, x, caps, gen)
-        raw.assigner.affinity[i] = cfg.init_scale * torch.nn.functional.one_hot(part, len(caps)).float()
-        moe.assignment = one_hot_assignment(part, len(caps))
-        if router is not None:
-            moe.router.weight.copy_(router)
-
-    return prepare
-
-
-def initial_partitions(cfg: ConvertConfig, model: nn.Module, mlps: list[nn.Module], caps: torch.Tensor,
-                       calib: torch.Tensor | None, progress: bool = False
-                       ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Starting partition [L, N] of every layer (for baselines: the final one) and the starting routers (the
-    method's analytic ones, else the lstsq init when asked for, else None: random). `calib` [B, S] are the
-    calibration sequences (None for the methods that need no activations)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def layer(i: int, x: torch.Tensor | None):
-        return calibrate_layer(cfg, mlps[i], x, caps, gen)
-
-    pairs = map_layer_inputs(model, mlps, calib, layer, progress=progress) if calib is not None else \
-        [layer(i, None) for i in range(len(mlps))]
-    routers = [r for _, r in pairs]
-    return torch.stack([p for p, _ in pairs]), None if routers[0] is None else routers
-
-
-def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
-                   caps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Partition [L, N] and routers of the conversion in `cfg.init_from`, checked against this conversion's shape."""
-    from dotmoe.artifacts import load_conversion
-    from dotmoe.gguf_input import resolve_model
-    from dotmoe.paths import reference_model_dir
-
-    start = load_conversion(cfg.init_from)
-    meta = start.meta
-    model = resolve_model(cfg.model or reference_model_dir()).resolve()
-    if Path(meta["base_model"]).resolve() != model:
-        raise DotMoeError(f"--init-from {cfg.init_from} is a conversion of {meta['base_model']}, not of {model}")
-    mine = {"experts": cfg.experts, "shared": cfg.shared, "drop": cfg.drop, "num_layers": num_layers,
-            "intermediate_size": num_neurons, "capacities": caps.tolist()}
-    theirs = {k: meta.get(k, 0 if k == "drop" else None) for k in mine}
-    if theirs != mine:
-        diff = ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in mine.items() if theirs[k] != v)
-        raise DotMoeError(f"--init-from {cfg.init_from} does not match this conversion: {diff}")
-    if meta.get("top_k") != cfg.top_k or meta.get("gating") != cfg.gating:
-        raise DotMoeError(f"--init-from {cfg.init_from} was trained with top_k {meta.get('top_k')} and "
-                          f"{meta.get('gating')} gating; this conversion uses top_k {cfg.top_k} and {cfg.gating}")
-    return start.partition, start.routers
-
-
-def refitted_down_projections(init_from: str, mlp_names: list[str]) -> list[torch.Tensor] | None:
-    """The down projections a (training-free) `--init-from` conversion refitted, one per MLP, when it holds exactly
-    those (its other weights untouched); else None. Training from such a start needs no refit of its own: they
-    were fitted for the partition and routers it starts from."""
-    from safetensors.torch import load_file
-
-    from dotmoe.artifacts import TRAINED_WEIGHTS_FILE
-
-    file = Path(init_from) / TRAINED_WEIGHTS_FILE
-    if not file.is_file():
-        return None
-    try:
-        weights = load_file(str(file))
-    except Exception as exc:  # safetensors raises several types for truncated or foreign files
-        raise DotMoeError(f"--init-from: corrupt convert output: {file}: {exc}") from exc
-    names = [f"{n}.down_proj.weight" for n in mlp_names]
-    if set(weights) != set(names):
-        return None
-    return [weights[n].float() for n in names]
-
-
-def calibration_sequences(seqs: torch.Tensor, cfg: ConvertConfig) -> torch.Tensor:
-    """`cfg.calibration_tokens` worth of packed sequences used for calibration (a seeded random subset)."""
-    shuffled = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + 1))]
-    return shuffled[: max(1, cfg.calibration_tokens // cfg.seq_len)]
-
-
-def export_and_record(out: Path, cfg: ConvertConfig, summary: dict, progress: bool, check_tokens: int = 256) -> None:
-    """Export the conversion in `out` to `out/model` (unless export_format is none) and record it in the metadata."""
-    if cfg.export_format == "none":
-        return
-    from dotmoe.artifacts import write_meta
-    from dotmoe.export import export
-
-    exported = export(out, out / "model", fmt=cfg.export_format, overwrite=True, check_tokens=check_tokens,
-                      progress=progress, require_complete=False)
-    summary["export"] = exported.summary()
-    if "peak_rss_mb" in summary:
-        summary["peak_rss_mb"].mark("export")
-    write_meta(out, summary)
-
-
-def save_checkpoint(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash or a full disk mid-write leaves the previous checkpoint
-    intact and no temporary file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    had_one = path.is_file()
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        why = write_failure(exc)  # torch wraps the OSError in a RuntimeError
-        if why:
-            kept = "the previous checkpoint is intact; free space and rerun with --resume" if had_one else \
-                "no checkpoint was written yet"
-            raise DotMoeError(f"cannot write the checkpoint {path}: {why} ({kept})") from exc
-        raise
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by `save_checkpoint`; tensors and plain data only (no pickled code is run)."""
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise DotMoeError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}); rerun with "
-                          "--overwrite instead of --resume to start over") from exc
-    if not isinstance(state, dict):
-        raise DotMoeError(f"--resume: {path} is not a dotmoe checkpoint; rerun with --overwrite to start over")
-    return state
 
 
 def _load_joint_checkpoint(path: Path, cfg: ConvertConfig, steps: int) -> dict:
@@ -397,93 +195,6 @@ def _bad_terms(terms: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v).all()] or ["loss"]
 
 
-def preflight(out: Path, cfg: ConvertConfig, model: nn.Module, checkpoints: bool = True) -> None:
-    """Before training: the output directory is writable and its disk has room for checkpoints + export
-    (`checkpoints` False: a run that writes none, --method prune, needs room for its fp32 model only).
-
-    A directory created here is removed again when the check fails, so bad output paths leave nothing.
-    """
-    import shutil
-
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_probe(out)
-    except OSError as exc:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
-    if checkpoints:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        checkpoint = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 params + 2 AdamW moments
-        trained = weights if cfg.trainable != "router+assignment" else 0  # trained dense weights are saved too
-    else:  # only the model, saved in fp32 whatever it computed in
-        weights, checkpoint, trained = 4 * sum(p.numel() for p in model.parameters()), 0, 0
-    need = int(1.1 * (checkpoint + weights + trained)) + 64 * 1024**2
-    free = shutil.disk_usage(out).free
-    if free < need:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise DotMoeError(f"not enough disk space in {out}: about {need / 1024**3:.2f} GiB needed for checkpoints "
-                          f"and the export, {free / 1024**3:.2f} GiB free")
-
-
-@dataclass
-class Prepared:
-    """Everything a conversion needs before it starts: model, tokenizer, packed data, evaluation ids, MLPs."""
-
-    model: nn.Module
-    tokenizer: object
-    model_path: Path
-    seqs: torch.Tensor
-    eval_ids: torch.Tensor
-    mlp_names: list[str]
-    mlps: list[nn.Module]
-
-    @property
-    def num_neurons(self) -> int:
-        return self.mlps[0].gate_proj.out_features
-
-    def map_calibration_inputs(self, cfg: ConvertConfig, fn, progress: bool = False) -> list:
-        """[fn(i, x_i)] on the dense MLP inputs of `calibration_tokens` tokens of (shuffled) training data, one layer's
-        inputs resident at a time (`map_layer_inputs`)."""
-        return map_layer_inputs(self.model, self.mlps, calibration_sequences(self.seqs, cfg), fn, progress=progress)
-
-
-def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
-    """Load data (first: bad data fails before a large model loads), model (its weights in `dtype`) and tokenizer;
-    validate sizes."""
-    from dotmoe.gguf_input import resolve_model
-    from dotmoe.paths import default_data_file, reference_model_dir
-
-    texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
-    eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
-    model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
-    model, tokenizer = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                                      require_dense=True)
-    named_mlps = find_gated_mlps(model)
-    mlps = [m for _, m in named_mlps]
-    warning = cfg.fit_shared_to_export(model.config.to_dict())
-    if warning:
-        print(warning, file=sys.stderr)
-    cfg.validate_for(mlps[0].gate_proj.out_features)
-    check_seq_len(cfg.seq_len, model.config, "--seq-len")
-    check_finite(model.named_parameters(), f"the input model {model_path}")
-    seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
-    if len(seqs) < cfg.batch_size:
-        raise DotMoeError(f"data too short: {len(seqs)} sequences of {cfg.seq_len} tokens, need >= batch size "
-                          f"{cfg.batch_size}")
-    eval_ids = tokenize_stream(tokenizer, eval_texts, cfg.eval_tokens)
-    check_eval_tokens(len(eval_ids), cfg.eval_data)
-    model.requires_grad_(False)
-    return Prepared(model, tokenizer, model_path, seqs, eval_ids, [n for n, _ in named_mlps], mlps)
-
-
-def check_eval_tokens(count: int, files: list[str]) -> None:
-    """Enough held-out tokens for a perplexity that means something."""
-    if count < MIN_EVAL_TOKENS:
-        source = ", ".join(files) if files else "the bundled validation text"
-        raise DotMoeError(f"evaluation data {source} has {count} tokens; at least {MIN_EVAL_TOKENS} are needed")
 
 
 def _accelerator(cfg: ConvertConfig):
@@ -512,45 +223,23 @@ def _accelerator(cfg: ConvertConfig):
     return accelerator
 
 
-def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
-    """Run the DOT-MoE conversion (or a baseline) and write partition + router + metadata to cfg.out.
-
-    `cfg.out` must be new or empty, unless `resume` (continue its checkpoint) or `overwrite` (replace it); it is
-    marked complete (COMPLETE) only after everything else, the export included, is written."""
-    from dotmoe.allocator import return_large_blocks_to_the_system
-
-    from dotmoe.run_dir import is_main_rank, output_lock, restore_previous
-
-    return_large_blocks_to_the_system()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accelerate's device (_accelerator)
-    mixed, why = resolve_mixed_precision(cfg.mixed_precision, device, cfg.steps > 0 and cfg.trains_weights)
-    if mixed != cfg.mixed_precision:  # auto resolved: the run, its checkpoint and its record hold the type used
-        cfg = cfg.derive(mixed_precision=mixed)
-        if progress:
-            print(f"dotmoe: {why}", flush=True)
-    if progress and cfg.steps:
-        print(f"dotmoe: training {cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len:,} tokens after the "
-              f"conversion (--tokens; --tokens 0 converts training-free)", flush=True)
-    check_convert_output(cfg)  # before the lock creates OUT: a refused run writes nothing
-    with output_lock(cfg.out):
-        check_convert_output(cfg)  # again, now that no other run can change OUT
-        try:
-            if cfg.mode == "layerwise":
-                from dotmoe.layerwise import convert_layerwise
-
-                return convert_layerwise(cfg, progress)
-            return convert_joint(cfg, progress)
-        except BaseException:
-            if is_main_rank() and restore_previous(Path(cfg.out)):
-                print(f"dotmoe: the run stopped before it saved a checkpoint; {cfg.out} holds its previous result "
-                      "again", file=sys.stderr)
-            raise
 
 
-def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
-    """The joint (end-to-end KL) conversion into cfg.out, whose state `convert` has checked."""
-    from transformers import get_cosine_schedule_with_warmup
+@dataclass
+class JointStart:
+    """A joint run up to its loaded model: the accelerator, the stage peaks, the precision the frozen weights
+    compute in, the prepared inputs, and the config with the choices made at load resolved."""
 
+    accelerator: object
+    peaks: object
+    precision: object
+    prep: Prepared
+    cfg: ConvertConfig
+
+
+def start_joint(cfg: ConvertConfig, progress: bool = True) -> JointStart:
+    """Set up accelerate and the seeds, choose the precision, load data and model (`prepare`), and resolve
+    activation checkpointing from the memory they need. Pruning goes on from here too (dotmoe.convert)."""
     from dotmoe.resources import StagePeaks
 
     accelerator = _accelerator(cfg)
@@ -564,10 +253,20 @@ def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     if cfg.gradient_checkpointing is None:
         cfg = cfg.derive(gradient_checkpointing=use_gradient_checkpointing(cfg, prep.model))
     peaks.mark("load")
-    if cfg.method == "prune":
-        from dotmoe.prune import prune_convert
+    return JointStart(accelerator, peaks, precision, prep, cfg)
 
-        return prune_convert(cfg, prep, peaks, precision, progress)
+
+def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
+    """The joint (end-to-end KL) conversion into cfg.out, whose state `convert` has checked."""
+    return train_joint(start_joint(cfg, progress), progress)
+
+
+def train_joint(begun: JointStart, progress: bool = True) -> ConvertResult:
+    """The joint conversion from its loaded model on: starting partitions and routers, the MoE, training,
+    the final refit and evaluation, the record and the export."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    accelerator, peaks, precision, prep, cfg = begun.accelerator, begun.peaks, begun.precision, begun.prep, begun.cfg
     model, model_path, seqs, eval_ids = prep.model, prep.model_path, prep.seqs, prep.eval_ids
     out = Path(cfg.out)
     mlp_names, mlps, num_neurons = prep.mlp_names, prep.mlps, prep.num_neurons
