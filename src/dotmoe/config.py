@@ -301,7 +301,7 @@ class ConvertConfig:
 
     @property
     def router_fit_top_k(self) -> int | None:
-        """The `top_k` argument of the analytic router fit (`train.lstsq_router`): k for lstsq-topk, else None."""
+        """The `top_k` argument of the analytic router fit (`layer_setup.lstsq_router`): k for lstsq-topk, else None."""
         return self.top_k if self.init_router == "lstsq-topk" else None
 
     @property

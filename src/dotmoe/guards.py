@@ -270,7 +270,6 @@ def _peek_settings(path: Path):
 def _check_resume_target(out: Path, cfg) -> None:
     """Before the model loads: the checkpoint this run would continue exists and was written with its settings
     (the run checks again when it reads it)."""
-
     if cfg.mode == "layerwise" and cfg.global_tokens:
         if (out / CHECKPOINT).is_file():  # the global phase's own checkpoint
             check_resume_settings(out / CHECKPOINT, _peek_settings(out / CHECKPOINT), resume_key(cfg.global_phase()))

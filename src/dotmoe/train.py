@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,12 +36,17 @@ from dotmoe.layer_setup import (calibrate_during_refit, initial_partitions, part
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.perplexity import perplexity
-from dotmoe.precision import autocast_dtype, choose_precision
+from dotmoe.precision import PrecisionChoice, autocast_dtype, choose_precision
 from dotmoe.prepare import Prepared, calibration_sequences, preflight, prepare
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
 from dotmoe.step_profile import StepProfiler
 from dotmoe.training_memory import check_training_memory, use_gradient_checkpointing
+
+if TYPE_CHECKING:  # accelerate and the stage peaks load lazily, when a run starts
+    from accelerate import Accelerator
+
+    from dotmoe.resources import StagePeaks
 
 
 class MoeTrainingModule(nn.Module):
@@ -230,9 +236,9 @@ class JointStart:
     """A joint run up to its loaded model: the accelerator, the stage peaks, the precision the frozen weights
     compute in, the prepared inputs, and the config with the choices made at load resolved."""
 
-    accelerator: object
-    peaks: object
-    precision: object
+    accelerator: Accelerator
+    peaks: StagePeaks
+    precision: PrecisionChoice
     prep: Prepared
     cfg: ConvertConfig
 
