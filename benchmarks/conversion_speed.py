@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from dotmoe.artifacts import read_record
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {
     "tf": ["--tokens", "0"],
@@ -148,7 +150,7 @@ def main() -> int:
             if result[version]["rc"] != 0:
                 tail = (outs[version].parent / f"{outs[version].name}.log").read_text()[-2000:]
                 raise SystemExit(f"{run} {version} failed (rc {result[version]['rc']}):\n{tail}")
-            meta = json.loads((outs[version] / "dotmoe_meta.json").read_text())
+            meta = read_record(outs[version]).to_dict()  # older code's records load too
             rows.append({"run": run, "version": version, **result[version], "tok_s": tokens_per_s(outs[version]),
                          "stages": meta.get("stage_seconds"), "val_ppl": meta["val_ppl"],
                          "ratio": meta["ppl_ratio"], "bound": bound_seconds(run, flops, meta, fp32_ffn),

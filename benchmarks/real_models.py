@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from dotmoe.artifacts import read_record
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("dotmoe", "random", "weight-kmeans", "activation", "hidden-kmeans-router", "prune")
@@ -51,7 +53,7 @@ def run_convert(model: Path, method: str, experts: int, top_k: int, tokens: int,
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
-    meta = json.loads((out / "dotmoe_meta.json").read_text())
+    meta = read_record(out).to_dict()
     return meta, {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
 
 

@@ -33,6 +33,7 @@ def synthetic_pair(name: str, root: Path, experts: int, top_k: int) -> tuple[Pat
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dotmoe.artifacts import save_conversion
+    from dotmoe.record import ConversionRecord
     from dotmoe.export import export
     from dotmoe.paths import reference_model_dir
 
@@ -54,11 +55,10 @@ def synthetic_pair(name: str, root: Path, experts: int, top_k: int) -> tuple[Pat
     routers = [torch.randn(experts, hidden, generator=g) for _ in range(layers)]
     conv = root / f"conv-{name}"
     conv.mkdir()
-    save_conversion(conv, partition, routers, None, {
-        "method": "random", "experts": experts, "top_k": top_k, "shared": 0, "gating": "softmax",
-        "capacities": [inter // experts] * experts, "intermediate_size": inter, "num_layers": layers,
-        "mlp_modules": [f"model.layers.{i}.mlp" for i in range(layers)], "base_model": str(dense_dir),
-        "val_ppl": None, "dense_val_ppl": None, "config": {}})
+    save_conversion(conv, partition, routers, ConversionRecord(
+        method="random", experts=experts, top_k=top_k, gating="softmax", capacities=[inter // experts] * experts,
+        intermediate_size=inter, num_layers=layers, mlp_modules=[f"model.layers.{i}.mlp" for i in range(layers)],
+        base_model=str(dense_dir)))
     moe_dir = root / f"moe-{name}"
     export(conv, moe_dir, check_tokens=0, progress=False)
     print(f"{name}: {params / 1e6:.0f}M params dense", flush=True)
@@ -96,7 +96,7 @@ def main() -> None:
         for size in [*reals, *args.sizes]:
             if size in reals:
                 moe_dir = Path(reals[size])
-                dense_dir = Path(json.loads((moe_dir / "dotmoe_meta.json").read_text())["base_model"])
+                dense_dir = Path(json.loads((moe_dir / "config.json").read_text())["dotmoe"]["base_model"])
             elif size == "ref":
                 if not Path(args.ref_moe, "config.json").is_file():
                     print(f"skipping ref: no export at {args.ref_moe} (run `dotmoe demo` first)")

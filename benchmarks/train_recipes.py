@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from dotmoe.artifacts import read_record
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -142,14 +144,14 @@ def score(out: Path) -> dict:
         saved = json.loads(cached.read_text())
         if saved.get("meta_sha256") == key:
             return saved["scores"]
-    method = json.loads(meta_file.read_text())["method"]
+    method = read_record(out).method
     scores = score_run(out, "prune" if method == "prune" else "dotmoe", 8192, cloze=False)
     cached.write_text(json.dumps({"meta_sha256": key, "scores": scores}))
     return scores
 
 
 def record(name: str, out: Path, wall: float | None) -> dict:
-    meta = json.loads((out / "dotmoe_meta.json").read_text())
+    meta = read_record(out).to_dict()
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()] \
         if (out / "train_log.jsonl").is_file() else []
     curve = [(r["tokens"], r["val_ppl"]) for r in log if "val_ppl" in r]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dotmoe.artifacts import mark_complete, save_conversion
+from dotmoe.record import ConversionRecord
 from dotmoe.errors import DotMoeError
 from dotmoe.export import export
 from dotmoe.export_formats import plan_export
@@ -47,12 +48,11 @@ def fake_conversion(model_dir, out, experts=4, top_k=2, gating="softmax", shared
     ids = torch.repeat_interleave(torch.arange(len(caps)), torch.tensor(caps))
     partition = torch.stack([ids[torch.randperm(neurons, generator=g)] for _ in range(layers)])
     routers = [torch.randn(experts, hidden, generator=g) for _ in range(layers)]
-    meta = {"method": "dotmoe", "experts": experts, "top_k": top_k, "shared": shared, "gating": gating,
-            "capacities": caps, "intermediate_size": neurons, "num_layers": layers,
-            "mlp_modules": [f"model.layers.{i}.mlp" for i in range(layers)], "base_model": str(model_dir),
-            "val_ppl": None, "dense_val_ppl": None, "config": {}}
+    record = ConversionRecord(method="dotmoe", experts=experts, top_k=top_k, shared=shared, gating=gating,
+                              capacities=caps, intermediate_size=neurons, num_layers=layers,
+                              mlp_modules=[f"model.layers.{i}.mlp" for i in range(layers)], base_model=str(model_dir))
     out.mkdir(parents=True)
-    save_conversion(out, partition, routers, None, meta)
+    save_conversion(out, partition, routers, record)
     mark_complete(out)
     return out
 

@@ -105,3 +105,22 @@ def test_bytes_bound_of_a_batch_from_the_routing_of_real_text(tmp_path):
     assert abs(bounds[0] - dense_bytes / weight_bytes(tmp_path / "moe")[1]) < 1e-9
     assert bounds[0] > bounds[1] > bounds[2]
     assert bounds[2] >= dense_bytes / moe_total - 1e-9  # at most every expert of every layer is read
+
+
+def test_auto_experts_kernel_matches_stock_and_picks_by_step_size(tmp_path, monkeypatch):
+    """dotmoe_auto gives stock grouped_mm's logits, and sends a step with fewer pairs than E/2 to gather, up to
+    SMALL_STEP_PAIRS pairs to all, larger ones to stock grouped_mm."""
+    import dotmoe.fast_experts as fe
+
+    _check_kernel_against_stock(tmp_path, "dotmoe_auto", ((1, 1), (4, 7), (3, 40)), torch.arange(5).unsqueeze(0))
+    calls = []
+    monkeypatch.setattr(fe, "gather_experts_forward", lambda self, h, i, w: calls.append("gather"))
+    monkeypatch.setattr(fe, "all_experts_forward", lambda self, h, i, w: calls.append("all"))
+
+    class Experts:
+        num_experts = 8
+
+    for tokens, k in ((1, 2), (1, 4), (2, 2), (16, 4)):
+        fe.auto_experts_forward(Experts(), torch.zeros(tokens, 4), torch.zeros(tokens, k, dtype=torch.long),
+                                torch.zeros(tokens, k))
+    assert calls == ["gather", "all", "all", "all"]

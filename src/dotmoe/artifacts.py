@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dotmoe.errors import DotMoeError, write_failure
+from dotmoe.atomic import atomic_write
+from dotmoe.errors import DotMoeError
+from dotmoe.record import ConversionRecord, RecordError, _is_int
 from dotmoe.guards import CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT
 from dotmoe.run_dir import META_FILE, drop_previous, file_sha256
 
@@ -18,28 +19,13 @@ ASSIGNMENT_FILE = "assignment.safetensors"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # only when the dense weights were trained too
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp)` then rename onto `path`: a failure (full disk, signal) removes the temporary file and leaves
-    any previous `path` intact; OSErrors become a one-line error."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        why = write_failure(exc)  # safetensors wraps the OSError
-        if why:
-            raise DotMoeError(f"cannot write {path}: {why}") from exc
-        raise
-
-
-def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tensor], model, summary: dict) -> None:
+def save_conversion(out: Path, partition: torch.Tensor, routers: list[torch.Tensor], record: ConversionRecord) -> None:
     """Write assignment.safetensors (partition [L, N], router.{l} [E, d]) and dotmoe_meta.json atomically."""
     tensors = {"partition": partition.to(torch.int64).contiguous()}
     tensors.update({f"router.{i}": w.float().contiguous() for i, w in enumerate(routers)})
-    _atomic_write(out / ASSIGNMENT_FILE,
+    atomic_write(out / ASSIGNMENT_FILE,
                   lambda tmp: save_file(tensors, str(tmp), metadata={"format": "dotmoe-assignment-v1"}))
-    write_meta(out, summary)
+    write_record(out, record)
 
 
 def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
@@ -53,40 +39,41 @@ def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
     return found
 
 
-def check_base_fingerprint(meta: dict, meta_file: Path) -> None:
+def check_base_fingerprint(record: ConversionRecord, meta_file: Path) -> None:
     """The dense model's weights are still those the conversion was made from (records with a fingerprint)."""
-    saved = meta.get("base_fingerprint")
+    saved = record.base_fingerprint
     if not isinstance(saved, dict):
         return  # written before fingerprints existed
     try:
-        now = base_fingerprint(meta["base_model"])
+        now = base_fingerprint(record.base_model)
     except DotMoeError:
         return  # a missing or unreadable base model is reported by whoever needs its weights
     changed = sorted(set(saved) ^ set(now) | {f for f in saved if f in now and saved[f] != now[f]})
     if changed:
-        raise DotMoeError(f"{meta_file}: the weights of its dense model {meta['base_model']} changed since the "
+        raise DotMoeError(f"{meta_file}: the weights of its dense model {record.base_model} changed since the "
                           f"conversion ({', '.join(changed[:3])}); convert that model again")
 
 
-def write_meta(out: Path, summary: dict) -> None:
-    """Write (or rewrite) dotmoe_meta.json atomically, with the dense model's fingerprint (`base_fingerprint`)."""
-    if "base_fingerprint" not in summary and summary.get("base_model"):
-        summary["base_fingerprint"] = base_fingerprint(summary["base_model"])
+def write_record(out: Path, record: ConversionRecord) -> None:
+    """Write (or rewrite) dotmoe_meta.json atomically, with the dense model's fingerprint (`base_fingerprint`) and
+    the digest of the trained weights beside it: the one writer of the record."""
+    if record.base_fingerprint is None:
+        record.base_fingerprint = base_fingerprint(record.base_model)
     trained = out / TRAINED_WEIGHTS_FILE  # written before the record: a later reader knows it must be there
     if trained.is_file():
-        summary["trained_weights_sha256"] = file_sha256(trained)
-    _atomic_write(out / META_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+        record.trained_weights_sha256 = file_sha256(trained)
+    atomic_write(out / META_FILE, lambda tmp: tmp.write_text(json.dumps(record.to_dict(), indent=2)))
 
 
 def mark_complete(out: Path) -> None:
     """The last write of a conversion: only a directory with this marker is a finished result."""
-    _atomic_write(out / COMPLETE, lambda tmp: tmp.write_text("dotmoe conversion finished\n"))
+    atomic_write(out / COMPLETE, lambda tmp: tmp.write_text("dotmoe conversion finished\n"))
     drop_previous(out)  # an --overwrite run: only now does the result it replaces go
 
 
 def save_trained_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
     """Write the dense weights of a model whose FFN/other weights were trained (`trained_weights`' output)."""
-    _atomic_write(out / TRAINED_WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / TRAINED_WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 def trained_weights(model, keep: bool = True, only=None) -> dict[str, torch.Tensor]:
@@ -117,13 +104,18 @@ class Conversion:
 
     partition: torch.Tensor
     routers: list[torch.Tensor]
-    meta: dict
+    record: ConversionRecord
+
+    @property
+    def meta(self) -> dict:
+        """The record in its JSON form."""
+        return self.record.to_dict()
 
 
-def read_meta(path: str | Path, require_complete: bool = True) -> dict:
-    """The validated dotmoe_meta.json of a conversion directory. Refuses a directory that is not a conversion, an
-    unfinished one (no COMPLETE marker, unless `require_complete` is off) and a record with missing fields or
-    wrong types or values."""
+def read_record(path: str | Path, require_complete: bool = True) -> ConversionRecord:
+    """The validated record (dotmoe_meta.json) of a conversion directory: the one reader. Refuses a directory that
+    is not a conversion, an unfinished one (no COMPLETE marker, unless `require_complete` is off) and a record with
+    missing fields or wrong types or values."""
     path = Path(path)
     meta_file = path / META_FILE
     if not path.is_dir():
@@ -141,65 +133,18 @@ def read_meta(path: str | Path, require_complete: bool = True) -> dict:
         raise DotMoeError(f"corrupt convert output: {meta_file}: {exc}") from exc
     if not isinstance(meta, dict):
         raise DotMoeError(f"corrupt convert output: {meta_file} is not a JSON object")
-    _check_meta(meta, meta_file)
-    return meta
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_meta(meta: dict, meta_file: Path) -> None:
-    def bad(what: str):
-        return DotMoeError(f"corrupt convert output: {meta_file}: {what}")
-
-    for key, ok, kind in [("method", lambda v: isinstance(v, str), "a string"),
-                          ("base_model", lambda v: isinstance(v, str) and v, "a path"),
-                          ("num_layers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-                          ("intermediate_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-                          ("experts", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-                          ("top_k", lambda v: _is_int(v) and 1 <= v, "an integer >= 1"),
-                          ("shared", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-                          ("drop", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-                          ("mlp_modules", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
-                           "a list of module names")]:
-        if key == "drop" and key not in meta:
-            meta["drop"] = 0  # written before dropped neurons existed
-        if key not in meta:
-            raise bad(f"missing {key!r}")
-        if not ok(meta[key]):
-            raise bad(f"{key!r} must be {kind}, got {meta[key]!r}")
-    if len(meta["mlp_modules"]) != meta["num_layers"]:
-        raise bad(f"{len(meta['mlp_modules'])} mlp_modules for {meta['num_layers']} layers")
-    if meta["method"] == "prune":
-        return
-    from dotmoe.router import GATING_MODES
-
-    experts, shared, caps = meta["experts"], meta["shared"], meta.get("capacities")
-    if not meta["top_k"] < experts:
-        raise bad(f"top_k {meta['top_k']} must be smaller than experts {experts}")
-    if meta.get("gating") not in GATING_MODES:
-        raise bad(f"'gating' must be one of {', '.join(GATING_MODES)}, got {meta.get('gating')!r}")
-    drop = meta["drop"]
-    if drop and not shared:
-        raise bad(f"drop={drop} without a shared expert")
-    columns = experts + (1 if shared else 0) + (1 if drop else 0)
-    if not isinstance(caps, list) or len(caps) != columns or not all(_is_int(c) and c >= 1 for c in caps):
-        raise bad(f"'capacities' must be {columns} integers >= 1, got {caps!r}")
-    if shared and caps[experts] != shared:
-        raise bad(f"the shared capacity {caps[experts]} is not shared={shared}")
-    if drop and caps[-1] != drop:
-        raise bad(f"the dropped capacity {caps[-1]} is not drop={drop}")
-    if sum(caps) != meta["intermediate_size"]:
-        raise bad(f"capacities sum to {sum(caps)}, not intermediate_size {meta['intermediate_size']}")
+    try:
+        return ConversionRecord.from_dict(meta)
+    except RecordError as exc:
+        raise DotMoeError(f"corrupt convert output: {meta_file}: {exc}") from exc
 
 
 def load_conversion(path: str | Path, require_complete: bool = True) -> Conversion:
     """Read a `dotmoe convert` output directory: the one reader of its record and assignment tensors (export,
     eval, the sparse reference model, --init-from), with a one-line error naming the file and what is wrong."""
     path = Path(path)
-    meta = read_meta(path, require_complete)
-    if meta["method"] == "prune":
+    record = read_record(path, require_complete)
+    if record.is_prune:
         raise DotMoeError(f"{path} is a pruned dense model (--method prune), not an MoE conversion; it is already "
                           f"exported in {path / 'model'}")
     file = path / ASSIGNMENT_FILE
@@ -209,8 +154,8 @@ def load_conversion(path: str | Path, require_complete: bool = True) -> Conversi
         tensors = load_file(str(file))
     except Exception as exc:  # safetensors raises several types for truncated or foreign files
         raise DotMoeError(f"corrupt convert output: {file}: {exc}") from exc
-    layers, neurons, experts = meta["num_layers"], meta["intermediate_size"], meta["experts"]
-    caps = meta["capacities"]
+    layers, neurons, experts = record.num_layers, record.intermediate_size, record.experts
+    caps = record.capacities
 
     def bad(what: str):
         return DotMoeError(f"corrupt convert output: {file}: {what}")
@@ -230,8 +175,8 @@ def load_conversion(path: str | Path, require_complete: bool = True) -> Conversi
     lo, hi = int(partition.min()), int(partition.max())
     if lo < 0 or hi >= len(caps):
         raise bad(f"partition holds expert id {hi if hi >= len(caps) else lo}, valid ids are 0..{len(caps) - 1} "
-                  f"({experts} experts{' + the shared column' if meta['shared'] else ''}"
-                  f"{' + the dropped column' if meta['drop'] else ''})")
+                  f"({experts} experts{' + the shared column' if record.shared else ''}"
+                  f"{' + the dropped column' if record.drop else ''})")
     for layer, row in enumerate(partition):
         counts = torch.bincount(row, minlength=len(caps)).tolist()
         if counts != caps:
@@ -243,10 +188,10 @@ def load_conversion(path: str | Path, require_complete: bool = True) -> Conversi
             raise bad(f"router.{i} has shape {list(r.shape)} ({r.dtype}), expected [{experts}, hidden] floats")
         if not bool(torch.isfinite(r).all()):
             raise bad(f"router.{i} holds non-finite values (NaN/inf): the trained weights are broken")
-    _check_base_model(meta, routers[0].shape[1], meta_file=path / META_FILE)
-    check_base_fingerprint(meta, path / META_FILE)
-    _check_trained_weights(path, meta.get("trained_weights_sha256"))
-    return Conversion(partition, [r.float() for r in routers], meta)
+    _check_base_model(record, routers[0].shape[1], meta_file=path / META_FILE)
+    check_base_fingerprint(record, path / META_FILE)
+    _check_trained_weights(path, record.trained_weights_sha256)
+    return Conversion(partition, [r.float() for r in routers], record)
 
 
 def _check_trained_weights(path: Path, digest) -> None:
@@ -263,9 +208,9 @@ def _check_trained_weights(path: Path, digest) -> None:
                           "differs); convert again")
 
 
-def _check_base_model(meta: dict, hidden: int, meta_file: Path) -> None:
+def _check_base_model(record: ConversionRecord, hidden: int, meta_file: Path) -> None:
     """When the dense model's config.json is readable, its shapes are the conversion's."""
-    config = Path(meta["base_model"]) / "config.json"
+    config = Path(record.base_model) / "config.json"
     if not config.is_file():
         return  # a missing base model is reported by whoever needs its weights
     try:
@@ -275,9 +220,9 @@ def _check_base_model(meta: dict, hidden: int, meta_file: Path) -> None:
     if not isinstance(dense, dict):
         raise DotMoeError(f"{meta_file}: its base model's {config} is not a JSON object")
     dense = dense.get("text_config", dense) if isinstance(dense.get("text_config"), dict) else dense
-    mine = {"num_hidden_layers": meta["num_layers"], "intermediate_size": meta["intermediate_size"],
+    mine = {"num_hidden_layers": record.num_layers, "intermediate_size": record.intermediate_size,
             "hidden_size": hidden}
     diff = [f"{k} {dense[k]} vs {v}" for k, v in mine.items() if _is_int(dense.get(k)) and dense[k] != v]
     if diff:
-        raise DotMoeError(f"corrupt convert output: {meta_file}: its base model {meta['base_model']} does not match "
+        raise DotMoeError(f"corrupt convert output: {meta_file}: its base model {record.base_model} does not match "
                           f"the conversion ({', '.join(diff)}; model vs conversion)")

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from dotmoe.errors import DotMoeError, write_failure
+from dotmoe.atomic import atomic_write
+from dotmoe.errors import DotMoeError
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash or a full disk mid-write leaves the previous checkpoint
     intact and no temporary file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    had_one = path.is_file()
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        why = write_failure(exc)  # torch wraps the OSError in a RuntimeError
-        if why:
-            kept = "the previous checkpoint is intact; free space and rerun with --resume" if had_one else \
-                "no checkpoint was written yet"
-            raise DotMoeError(f"cannot write the checkpoint {path}: {why} ({kept})") from exc
-        raise
+    kept = "the previous checkpoint is intact; free space and rerun with --resume" if path.is_file() else \
+        "no checkpoint was written yet"
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), what=f"the checkpoint {path}", note=kept)
 
 
 def load_checkpoint(path: Path) -> dict:

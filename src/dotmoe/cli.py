@@ -124,16 +124,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     if not is_main_rank():  # distributed run: the main process reports
         return
-    s = result.summary
-    if s.get("mode") == "layerwise":
-        errors = " ".join(f"{e['final_error']:.3f}" for e in s["layer_errors"])
-        print(f"{s['method']} (layerwise): E={s['experts']} k={s['top_k']}; per-layer FFN relative error on the "
+    r = result.record
+    if r.mode == "layerwise":
+        errors = " ".join(f"{e['final_error']:.3f}" for e in r.layer_errors)
+        print(f"{r.method} (layerwise): E={r.experts} k={r.top_k}; per-layer FFN relative error on the "
               f"calibration tokens: {errors} -> {result.out_dir}")
     else:
-        print(f"{s['method']}: E={s['experts']} k={s['top_k']} tokens={s['train_tokens']} val PPL {s['val_ppl']:.3f} "
-              f"(dense {s['dense_val_ppl']:.3f}, ratio {s['ppl_ratio']:.3f}) -> {result.out_dir}")
-    if "export" in s:
-        _print_export(s["export"])
+        print(f"{r.method}: E={r.experts} k={r.top_k} tokens={r.train_tokens} val PPL {r.val_ppl:.3f} "
+              f"(dense {r.dense_val_ppl:.3f}, ratio {r.ppl_ratio:.3f}) -> {result.out_dir}")
+    if r.export is not None:
+        _print_export(r.export)
 
 
 def _print_export(e: dict) -> None:
@@ -250,14 +250,15 @@ def demo_report(out_dirs: list[Path], header: str) -> str:
     """Markdown table + validation-PPL and KL curves of finished conversion runs (from their outputs)."""
     lines = [header, "", "| method | E | k | tokens | val PPL | dense PPL | PPL ratio | final KL | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
+    from dotmoe.artifacts import read_record
+
     logs = []
     for out in out_dirs:
-        s = json.loads((Path(out) / "dotmoe_meta.json").read_text())
+        r = read_record(out)
         records = [json.loads(x) for x in (Path(out) / "train_log.jsonl").read_text().splitlines()]
-        logs.append((s["method"], [r for r in records if "event" not in r]))
-        lines.append(f"| {s['method']} | {s['experts']} | {s['top_k']} | {s['train_tokens']} | {s['val_ppl']:.3f} | "
-                     f"{s['dense_val_ppl']:.3f} | {s['ppl_ratio']:.3f} | {s['final_terms']['kl']:.4f} | "
-                     f"{s['wall_seconds']} |")
+        logs.append((r.method, [rec for rec in records if "event" not in rec]))
+        lines.append(f"| {r.method} | {r.experts} | {r.top_k} | {r.train_tokens} | {r.val_ppl:.3f} | "
+                     f"{r.dense_val_ppl:.3f} | {r.ppl_ratio:.3f} | {r.final_terms['kl']:.4f} | {r.wall_seconds} |")
     lines += ["", "Curves at each evaluation point (the first is the start of training): validation PPL of the MoE; "
               "mean KL of the steps since the previous point."]
     for method, log in logs:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dotmoe.atomic import atomic_write
 from dotmoe.errors import DotMoeError
 from dotmoe.guards import check_report_destination
 from dotmoe.perplexity import MIN_EVAL_TOKENS
@@ -285,12 +286,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(report, indent=2))
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     return report
 
 
@@ -302,13 +298,13 @@ def plot_paths(out: str | Path) -> tuple[Path, Path]:
 
 def check_model_of_conversion(path: Path) -> None:
     """A conversion output is not a model, and a conversion's `model/` is evaluated only once it is finished."""
-    from dotmoe.artifacts import META_FILE, read_meta
+    from dotmoe.artifacts import META_FILE, read_record
     from dotmoe.guards import output_state
 
     if (path / META_FILE).is_file() and not (path / "config.json").is_file():
         raise DotMoeError(f"{path} is a dotmoe convert output, not a model; evaluate its export {path / 'model'}")
     if path.name == "model" and output_state(path.parent) in ("complete", "resumable", "unfinished"):
-        read_meta(path.parent)  # refuses an unfinished (or corrupt) conversion
+        read_record(path.parent)  # refuses an unfinished (or corrupt) conversion
 
 
 def format_report(report: dict) -> str:

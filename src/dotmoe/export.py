@@ -22,10 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_conversion
+from dotmoe.atomic import staged_directory
+from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_conversion, read_record
 from dotmoe.errors import DotMoeError
 from dotmoe.export_formats import ExportPlan, moe_config, moe_keys, plan_export, router_key
 from dotmoe.guards import check_export_destination
+from dotmoe.record import ConversionRecord
 from dotmoe.run_dir import REMOTE_CODE, TOKENIZER_FILES
 
 SHARED_EXPERT_BASES = ("qwen2_moe", "gemma3_moe")  # MoE blocks with a (possibly size-0) sigmoid-gated shared expert
@@ -154,13 +156,13 @@ def _expert_tensors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ne
 def _moe_tensors(conv: Conversion, plan: ExportPlan, layer: int, prefix: str, src: TensorSource,
                  expert_size: int) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(name, tensor, is_routed_expert) of one layer's MoE block."""
-    meta = conv.meta
-    experts, top_k, shared = meta["experts"], meta["top_k"], meta["shared"]
+    record = conv.record
+    experts, top_k, shared = record.experts, record.top_k, record.shared
     gate, up, down = (src.get(f"{prefix}.{w}_proj.weight") for w in ("gate", "up", "down"))
     part = conv.partition[layer]
     # stock weights are renormalised top-k probabilities (sum 1); softmax gating sums to k, and so does the
     # stock approximation of mask gating. Only the custom class gives each selected expert exactly 1.
-    scale = 1.0 if meta["gating"] == "mask" and plan.custom else float(top_k)
+    scale = 1.0 if record.gating == "mask" and plan.custom else float(top_k)
     yield router_key(plan.base, prefix), conv.routers[layer], False
     for e in range(experts):
         neurons = (part == e).nonzero().flatten()
@@ -178,27 +180,27 @@ def _fill_template(text: str, base: str) -> str:
     return text.replace("__BASE_CLASS__", _BASE_CLASS[base]).replace("__BASE__", base)
 
 
-def _model_card(cfg: dict, plan: ExportPlan, meta: dict, params: dict[str, int]) -> str:
+def _model_card(cfg: dict, plan: ExportPlan, record: ConversionRecord, params: dict[str, int]) -> str:
     load = "AutoModelForCausalLM.from_pretrained(path" + (", trust_remote_code=True)" if plan.custom else ")")
     return "\n".join([
         f"# {plan.architecture} converted by dotmoe", "",
-        f"Dense model `{meta['base_model']}` converted with `{meta['method']}` into {meta['experts']} experts, "
-        f"top-{meta['top_k']} routing ({meta['gating']} gating)"
-        + (f", shared expert of {meta['shared']} neurons" if meta["shared"] else "") + ".", "",
+        f"Dense model `{record.base_model}` converted with `{record.method}` into {record.experts} experts, "
+        f"top-{record.top_k} routing ({record.gating} gating)"
+        + (f", shared expert of {record.shared} neurons" if record.shared else "") + ".", "",
         f"- total parameters: {params['total_params']:,}",
         f"- active parameters per token: {params['active_params']:,} "
         f"(all non-expert parameters incl. embeddings + k/E of routed expert parameters)",
         f"- active non-embedding parameters: {params['active_non_embedding_params']:,}",
-        f"- validation perplexity at conversion: {meta.get('val_ppl')} (dense {meta.get('dense_val_ppl')})",
+        f"- validation perplexity at conversion: {record.val_ppl} (dense {record.dense_val_ppl})",
         f"- exact equivalent of the training-time sparse model: {plan.exact}" + (f" ({plan.note})" if plan.note else ""),
         "", "```python", "from transformers import AutoModelForCausalLM", f"model = {load}", "```", ""])
 
 
-def _count_params(numels: dict[str, int], meta: dict, tied: bool) -> dict[str, int]:
+def _count_params(numels: dict[str, int], record: ConversionRecord, tied: bool) -> dict[str, int]:
     routed = sum(n for k, n in numels.items() if ".experts." in k)
     embedding = sum(n for k, n in numels.items() if k.endswith("embed_tokens.weight") or k.startswith("lm_head."))
     total = sum(numels.values())
-    active = total - routed + routed * meta["top_k"] // meta["experts"]
+    active = total - routed + routed * record.top_k // record.experts
     return {"total_params": total, "active_params": active, "active_non_embedding_params": active - embedding,
             "routed_expert_params": routed, "tied_embeddings": int(tied)}
 
@@ -210,30 +212,27 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
     `require_complete=False` is for `convert` itself, which exports before it marks its output finished."""
     convert_dir, out = Path(convert_dir), Path(out)
     conv = load_conversion(convert_dir, require_complete)
-    meta = conv.meta
-    base_dir = Path(meta["base_model"])
+    record = conv.record
+    base_dir = Path(record.base_model)
     if not (base_dir / "config.json").is_file():
         raise DotMoeError(f"the dense model of this conversion is missing: {base_dir}/config.json")
     dense = json.loads((base_dir / "config.json").read_text())
-    plan = plan_export(dense, fmt, meta["shared"], meta["gating"], meta["top_k"])
+    plan = plan_export(dense, fmt, record.shared, record.gating, record.top_k)
     check_export_destination(convert_dir, out, base_dir, overwrite)
     trained = convert_dir / TRAINED_WEIGHTS_FILE
     src = TensorSource(base_dir, trained if trained.is_file() else None)
     out_dtype_name = (dense.get("dtype") or dense.get("torch_dtype") or "float32") if dtype == "auto" else dtype
     if out_dtype_name not in DTYPES:
         raise DotMoeError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {out_dtype_name!r}")
-    routed_caps = meta["capacities"][: meta["experts"]]
+    routed_caps = record.capacities[: record.experts]
     # torch's CPU grouped_mm (transformers' default experts kernel) needs 16-byte strides: pad every expert with
     # zero neurons to a multiple of `pad_to` (8 covers bf16/fp16); zero neurons contribute exactly 0.
     expert_size = -(-max(routed_caps) // pad_to) * pad_to
-    mlp_prefixes = meta["mlp_modules"]
+    mlp_prefixes = record.mlp_modules
     tied = bool(dense.get("tie_word_embeddings", False))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:  # written whole, then renamed onto `out`
         writer = _ShardWriter(tmp, max_shard_bytes, DTYPES[out_dtype_name])
         mlp_tensor_names = {f"{p}.{w}_proj.weight" for p in mlp_prefixes for w in ("gate", "up", "down")}
         for name in tqdm(src.names(), desc="export", unit="tensor", disable=not progress):
@@ -248,12 +247,12 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
                 continue
             writer.add(name, src.get(name))
         numels = writer.finish()
-        params = _count_params(numels, meta, tied)
-        cfg = moe_config(dense, plan, experts=meta["experts"], top_k=meta["top_k"], expert_size=expert_size,
-                         shared=meta["shared"], gating=meta["gating"], dtype=out_dtype_name)
-        cfg["dotmoe"] = {**params, "method": meta["method"], "gating": meta["gating"], "exact": plan.exact,
-                         "base_model": meta["base_model"],
-                         "capacities": meta["capacities"]}
+        params = _count_params(numels, record, tied)
+        cfg = moe_config(dense, plan, experts=record.experts, top_k=record.top_k, expert_size=expert_size,
+                         shared=record.shared, gating=record.gating, dtype=out_dtype_name)
+        cfg["dotmoe"] = {**params, "method": record.method, "gating": record.gating, "exact": plan.exact,
+                         "base_model": record.base_model,
+                         "capacities": record.capacities}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for f in TOKENIZER_FILES:
             if (base_dir / f).is_file():
@@ -268,19 +267,11 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
                     text = _fill_template(files("dotmoe").joinpath("assets", "remote_code", f).read_text(), plan.base)
                 (tmp / f).write_text(text)
         shutil.copy2(convert_dir / META_FILE, tmp / META_FILE)
-        (tmp / "README.md").write_text(_model_card(cfg, plan, meta, params))
+        (tmp / "README.md").write_text(_model_card(cfg, plan, record, params))
         parity = check_export(convert_dir, tmp, plan, check_tokens, require_complete) if check_tokens else {}
         if parity:
             (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
             check_parity(parity, plan)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            shutil.rmtree(old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out, plan, params, parity)
 
 
@@ -299,7 +290,7 @@ def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: i
                                                 require_complete=require_complete)
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=plan.custom)
     exported.eval()
-    base = json.loads((convert_dir / META_FILE).read_text())["base_model"]
+    base = read_record(convert_dir, require_complete).base_model
     ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", base))]), tokens).unsqueeze(0)
     a = reference(input_ids=ids).logits
     b = exported(input_ids=ids).logits

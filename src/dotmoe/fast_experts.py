@@ -1,6 +1,6 @@
 """Decode-friendly experts kernels for stock transformers MoE classes: `experts_implementation="dotmoe_gather"`
-(the selected experts only) and `"dotmoe_all"` (every expert in two batched matmuls, for small batches that
-touch most experts anyway).
+(the selected experts only), `"dotmoe_all"` (every expert in two batched matmuls, for small batches that
+touch most experts anyway) and `"dotmoe_auto"` (the one of the two, or stock grouped_mm, for each step's size).
 
     import dotmoe.fast_experts  # registers it
     AutoModelForCausalLM.from_pretrained(path, experts_implementation="dotmoe_gather")
@@ -85,12 +85,28 @@ def all_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     return torch.bmm(h, down).sum(0).to(hidden_states.dtype)  # [S, d]
 
 
+AUTO_NAME = "dotmoe_auto"
+
+
+def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The kernel for the step's size, chosen from its shape alone (no host sync): fewer token-expert pairs than
+    half the experts (batch-1 decoding at small k/E) -> `dotmoe_gather`, which reads only the selected experts;
+    up to SMALL_STEP_PAIRS pairs -> `dotmoe_all` (the batch touches most experts anyway); more (prefill) -> stock
+    `grouped_mm`. SmolLM2-135M export, 2 threads bf16 (benchmarks/results/speed.md): gather is fastest at k=2
+    batch 1 (2 of 8 experts), all at every batch of 2-16 and at k=4 batch 1."""
+    if top_k_index.numel() < self.num_experts / 2:
+        return gather_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return all_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
 def register() -> None:
-    """Make `experts_implementation="dotmoe_gather"` and `"dotmoe_all"` available to every transformers MoE
-    model."""
+    """Make `experts_implementation="dotmoe_gather"`, `"dotmoe_all"` and `"dotmoe_auto"` available to every
+    transformers MoE model."""
     ExpertsInterface.register(NAME, gather_experts_forward)
     ExpertsInterface.register(ALL_NAME, all_experts_forward)
+    ExpertsInterface.register(AUTO_NAME, auto_experts_forward)
 
 
 register()
-assert NAME in ALL_EXPERTS_FUNCTIONS and ALL_NAME in ALL_EXPERTS_FUNCTIONS
+assert NAME in ALL_EXPERTS_FUNCTIONS and ALL_NAME in ALL_EXPERTS_FUNCTIONS and AUTO_NAME in ALL_EXPERTS_FUNCTIONS

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from dotmoe.atomic import staged_directory
 from dotmoe.errors import DotMoeError
 
 SOURCE_FILE = "dotmoe_source.json"  # provenance of a dequantized directory
@@ -85,17 +85,11 @@ def dequantize_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.float32, s
         digest = sha256_file(gguf)
         if sha256 is not None and digest != sha256:
             raise DotMoeError(f"{gguf} has sha256 {digest}, expected {sha256} (corrupt or different download)")
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with staged_directory(out) as tmp:
             _write_dequantized(gguf, tmp, dtype)
             (tmp / SOURCE_FILE).write_text(json.dumps(
                 {"gguf": str(gguf.resolve()), "sha256": digest, "bytes": gguf.stat().st_size,
                  "dtype": str(dtype).removeprefix("torch.")}, indent=2))
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 

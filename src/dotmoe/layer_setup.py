@@ -3,6 +3,8 @@ own partition and router, the least-squares router fit, or an earlier conversion
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,30 +45,72 @@ def lstsq_router(mlp: nn.Module, x: torch.Tensor, partition: torch.Tensor, num_e
     return w.t().contiguous()
 
 
+@dataclass(frozen=True)
+class PartitionKind:
+    """How one starting partition is made: `make(mlp, x, caps, shared, gen)` -> (partition [N], router [E, d] or
+    None), whether it needs the layer's FFN inputs x (calibration), and whether it gives its own router."""
+
+    make: Callable[[nn.Module, torch.Tensor | None, torch.Tensor, int, torch.Generator],
+                   tuple[torch.Tensor, torch.Tensor | None]]
+    needs_inputs: bool
+    gives_router: bool = False
+
+
+def _activation(mlp, x, caps, shared, gen):
+    from dotmoe.calibration_methods import activation_partition
+
+    return activation_partition(mlp, x, caps, shared, gen)
+
+
+def _hidden_kmeans(mlp, x, caps, shared, gen):
+    from dotmoe.calibration_methods import hidden_kmeans_partition
+
+    return hidden_kmeans_partition(mlp, x, caps, shared, gen)
+
+
+def _coactivation(mlp, x, caps, shared, gen):
+    from dotmoe.output_aware import coactivation_partition
+
+    return coactivation_partition(mlp, x, caps, shared, gen), None
+
+
+def _weight_kmeans(mlp, x, caps, shared, gen):
+    return weight_kmeans_partition(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), caps, gen), None
+
+
+# every starting partition by name (a method's own, or dotmoe's `init_affinity`); `random` for dotmoe means the
+# OT chooses from a random affinity, but its starting partition (unused then) is the random one
+PARTITION_KINDS: dict[str, PartitionKind] = {
+    "activation": PartitionKind(_activation, needs_inputs=True, gives_router=True),
+    "hidden-kmeans-router": PartitionKind(_hidden_kmeans, needs_inputs=True, gives_router=True),
+    "coactivation": PartitionKind(_coactivation, needs_inputs=True),
+    "random": PartitionKind(lambda mlp, x, caps, shared, gen: (random_partition(caps, gen), None), needs_inputs=False),
+    "sequential": PartitionKind(lambda mlp, x, caps, shared, gen: (sequential_partition(caps), None),
+                                needs_inputs=False),
+    "weight-kmeans": PartitionKind(_weight_kmeans, needs_inputs=False),
+}
+
+
+def partition_kind_named(kind: str) -> PartitionKind:
+    """The registered partition `kind`; an unknown name is an error naming the known ones."""
+    if kind not in PARTITION_KINDS:
+        raise DotMoeError(f"unknown partition {kind!r}; known: {', '.join(PARTITION_KINDS)}")
+    return PARTITION_KINDS[kind]
+
+
 def layer_partition(kind: str, mlp: nn.Module, x: torch.Tensor | None, caps: torch.Tensor, shared: int,
                     gen: torch.Generator, drop: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's starting partition [N] (shared column = id E, dropped column = id E+1) for a partition `kind`,
-    and the method's own analytic router [E, d] when it has one (activation, hidden-kmeans-router).
+    """One layer's starting partition [N] (shared column = id E, dropped column = id E+1) for a partition `kind`
+    (`PARTITION_KINDS`), and the method's own analytic router [E, d] when it has one.
 
     With `drop` > 0 every kind first drops the `drop` least important neurons (output-aware importance, as
     pruning does) and partitions the rest its own way, so all methods lose the same neurons."""
-    from dotmoe.calibration_methods import activation_partition, hidden_kmeans_partition
-    from dotmoe.output_aware import coactivation_partition, with_dropped_neurons
+    from dotmoe.output_aware import with_dropped_neurons
 
     if drop:
         return with_dropped_neurons(lambda sub, xs, sub_caps: layer_partition(kind, sub, xs, sub_caps, shared, gen),
                                     mlp, x, caps, drop)
-    if kind == "activation":
-        return activation_partition(mlp, x, caps, shared, gen)
-    if kind == "hidden-kmeans-router":
-        return hidden_kmeans_partition(mlp, x, caps, shared, gen)
-    if kind == "coactivation":
-        return coactivation_partition(mlp, x, caps, shared, gen), None
-    if kind == "random":
-        return random_partition(caps, gen), None
-    if kind == "sequential":
-        return sequential_partition(caps), None
-    return weight_kmeans_partition(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), caps, gen), None
+    return partition_kind_named(kind).make(mlp, x, caps, shared, gen)
 
 
 def partition_kind(cfg: ConvertConfig) -> str:
@@ -127,19 +171,19 @@ def starting_point(cfg: ConvertConfig, num_layers: int, num_neurons: int,
     from dotmoe.paths import reference_model_dir
 
     start = load_conversion(cfg.init_from)
-    meta = start.meta
+    record = start.record
     model = resolve_model(cfg.model or reference_model_dir()).resolve()
-    if Path(meta["base_model"]).resolve() != model:
-        raise DotMoeError(f"--init-from {cfg.init_from} is a conversion of {meta['base_model']}, not of {model}")
+    if Path(record.base_model).resolve() != model:
+        raise DotMoeError(f"--init-from {cfg.init_from} is a conversion of {record.base_model}, not of {model}")
     mine = {"experts": cfg.experts, "shared": cfg.shared, "drop": cfg.drop, "num_layers": num_layers,
             "intermediate_size": num_neurons, "capacities": caps.tolist()}
-    theirs = {k: meta.get(k, 0 if k == "drop" else None) for k in mine}
+    theirs = {k: getattr(record, k) for k in mine}
     if theirs != mine:
         diff = ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in mine.items() if theirs[k] != v)
         raise DotMoeError(f"--init-from {cfg.init_from} does not match this conversion: {diff}")
-    if meta.get("top_k") != cfg.top_k or meta.get("gating") != cfg.gating:
-        raise DotMoeError(f"--init-from {cfg.init_from} was trained with top_k {meta.get('top_k')} and "
-                          f"{meta.get('gating')} gating; this conversion uses top_k {cfg.top_k} and {cfg.gating}")
+    if record.top_k != cfg.top_k or record.gating != cfg.gating:
+        raise DotMoeError(f"--init-from {cfg.init_from} was trained with top_k {record.top_k} and "
+                          f"{record.gating} gating; this conversion uses top_k {cfg.top_k} and {cfg.gating}")
     return start.partition, start.routers
 
 

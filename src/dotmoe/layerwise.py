@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from dotmoe.architecture import check_checkpoint_names, check_model_dir, find_gated_mlps
 from dotmoe.artifacts import save_conversion
+from dotmoe.record import ConversionRecord
 from dotmoe.assignment import NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
@@ -147,20 +148,20 @@ def _load_checkpoint(path: Path, cfg: ConvertConfig, num_layers: int) -> dict | 
 def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     """Layer-wise conversion (see module doc), then the optional global KL phase; writes the same outputs as
     `convert` and exports."""
-    from dotmoe.artifacts import mark_complete, read_meta
+    from dotmoe.artifacts import mark_complete, read_record
     from dotmoe.conversion_result import ConvertResult, export_and_record
     from dotmoe.train import convert_joint
 
     out = Path(cfg.out)
     if not cfg.global_tokens:
-        partition, summary = _layerwise_pass(cfg, out, progress)
-        export_and_record(out, cfg, summary, progress, check_tokens=0)
+        partition, record = _layerwise_pass(cfg, out, progress)
+        export_and_record(out, cfg, record, progress, check_tokens=0)
         mark_complete(out)  # last: only now is this a finished result
         (out / LAYERWISE_CHECKPOINT).unlink(missing_ok=True)
-        return ConvertResult(out_dir=out, partition=partition, summary=summary)
+        return ConvertResult(out_dir=out, partition=partition, record=record)
     first = out / LAYERWISE_DIR
     if cfg.resume and (first / COMPLETE).is_file():  # a finished layer-wise pass is not redone, if it is this one
-        saved = read_meta(first).get("config")
+        saved = read_record(first).config or None  # None: a record from before settings were kept
         check_resume_settings(first, settings_key(saved, "global_tokens") if isinstance(saved, dict) else None,
                               _resume_key(cfg))
     else:
@@ -172,7 +173,7 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
 
 
 def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torch.Tensor, dict]:
-    """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, summary)."""
+    """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, record)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from dotmoe.gguf_input import resolve_model
@@ -263,16 +264,13 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     stop_at_step_boundaries(False)
 
     partition = torch.stack(partitions)
-    summary = {
-        "method": cfg.method, "mode": "layerwise", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared,
-        "drop": cfg.drop,
-        "gating": cfg.gating, "capacities": caps.tolist(), "intermediate_size": num_neurons,
-        "num_layers": len(named), "mlp_modules": [n for n, _ in named], "base_model": str(model_path.resolve()),
-        "train_tokens": len(named) * (cfg.layer_steps if cfg.trains_layers else 0) * cfg.batch_size * cfg.seq_len,
-        "calibration_tokens": calib.numel(), "steps": cfg.layer_steps, "processes": 1,
-        "wall_seconds": round(time.time() - t0, 1), "final_terms": {}, "layer_errors": layer_stats,
-        "val_ppl": None, "dense_val_ppl": None, "config": cfg.to_dict(),
-    }
-    save_conversion(out, partition, routers, None, summary)  # the checkpoint stays until the result is complete
+    record = ConversionRecord(
+        method=cfg.method, mode="layerwise", experts=cfg.experts, top_k=cfg.top_k, shared=cfg.shared, drop=cfg.drop,
+        gating=cfg.gating, capacities=caps.tolist(), intermediate_size=num_neurons, num_layers=len(named),
+        mlp_modules=[n for n, _ in named], base_model=str(model_path.resolve()),
+        train_tokens=len(named) * (cfg.layer_steps if cfg.trains_layers else 0) * cfg.batch_size * cfg.seq_len,
+        calibration_tokens=calib.numel(), steps=cfg.layer_steps, processes=1,
+        wall_seconds=round(time.time() - t0, 1), final_terms={}, layer_errors=layer_stats, config=cfg.to_dict())
+    save_conversion(out, partition, routers, record)  # the checkpoint stays until the result is complete
     # the export that follows runs no parity check: it would load the whole model, which this mode avoids
-    return partition, summary
+    return partition, record

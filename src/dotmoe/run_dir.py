@@ -90,12 +90,12 @@ def read_json_cache(path: Path) -> dict:
 def write_json_cache(path: Path, data: dict) -> None:
     """Write a JSON cache file whole, then rename it into place; best effort: a cache that cannot be written costs
     only the recomputation next time."""
+    from dotmoe.atomic import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    except OSError:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)), unique=True)
+    except (OSError, DotMoeError):
         pass
 
 

@@ -7,12 +7,12 @@ that `dotmoe convert --data` reads like any other, one sample per paragraph.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from dotmoe.atomic import atomic_write
 from dotmoe.errors import DotMoeError
 
 
@@ -49,7 +49,6 @@ def write_texts(texts: list[str], out: str | Path) -> Path:
     """Write the samples as one .txt file (paragraphs separated by blank lines), atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts) + "\n")
-    os.replace(tmp, out)
+    text = "\n\n".join(t.replace("\n\n", "\n") for t in texts) + "\n"
+    atomic_write(out, lambda tmp: tmp.write_text(text), unique=True)
     return out

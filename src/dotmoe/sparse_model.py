@@ -23,9 +23,9 @@ def load_sparse_model(convert_dir: str | Path, dtype: torch.dtype = torch.float3
     `round_to` rounds routers and trained weights through that dtype first (to mirror an export in bf16).
     """
     conv = load_conversion(convert_dir, require_complete)
-    meta = conv.meta
-    model, tokenizer = load_causal_lm(meta["base_model"], dtype=round_to or dtype,
-                                      trust_remote_code=meta.get("config", {}).get("trust_remote_code", False))
+    record = conv.record
+    model, tokenizer = load_causal_lm(record.base_model, dtype=round_to or dtype,
+                                      trust_remote_code=record.config.get("trust_remote_code", False))
     model.to(dtype)
     trained = Path(convert_dir) / TRAINED_WEIGHTS_FILE
     if trained.is_file():  # experts / full training changed the dense weights themselves
@@ -46,15 +46,15 @@ def load_sparse_model(convert_dir: str | Path, dtype: torch.dtype = torch.float3
                               f"model's is {list(own[wrong[0]].shape)}")
         check_finite(state.items(), str(trained))
         model.load_state_dict({k: v.to(round_to or dtype).to(dtype) for k, v in state.items()}, strict=False)
-    moes = install_moe(model, meta["experts"], meta["top_k"], meta["gating"], shared=meta["shared"] > 0,
-                       dropped=meta.get("drop", 0) > 0)
+    moes = install_moe(model, record.experts, record.top_k, record.gating, shared=record.shared > 0,
+                       dropped=record.drop > 0)
     apply_conversion(moes, conv, round_to)
     return model.eval(), tokenizer, conv
 
 
 def apply_conversion(moes, conv: Conversion, router_dtype: torch.dtype | None = None) -> None:
     """Give each MoeMLP its hard one-hot assignment and trained router."""
-    num_columns = len(conv.meta["capacities"])
+    num_columns = len(conv.record.capacities)
     for layer, moe in enumerate(moes):
         moe.assignment = one_hot_assignment(conv.partition[layer], num_columns)
         weight = conv.routers[layer]

@@ -23,7 +23,7 @@ import torch
 
 from dotmoe.expert_coverage import bytes_bound
 
-EXPERT_IMPLEMENTATIONS = ("grouped_mm", "dotmoe_gather", "dotmoe_all", "eager", "batched_mm")
+EXPERT_IMPLEMENTATIONS = ("grouped_mm", "dotmoe_auto", "dotmoe_gather", "dotmoe_all", "eager", "batched_mm")
 
 
 @dataclass

@@ -31,12 +31,13 @@ from dotmoe.distill_dense import teacher_copy
 from dotmoe.errors import DotMoeError, Interrupted
 from dotmoe.guards import (BEST_STATE, CHECKPOINT, check_resume_settings, prepare_output, resume_key,
                            stop_at_step_boundaries, stop_requested)
-from dotmoe.layer_setup import (calibrate_during_refit, initial_partitions, partition_kind, refitted_down_projections,
-                                starting_point)
+from dotmoe.layer_setup import (calibrate_during_refit, initial_partitions, partition_kind, partition_kind_named,
+                                refitted_down_projections, starting_point)
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, install_moe, moe_disabled
 from dotmoe.perplexity import perplexity
 from dotmoe.precision import PrecisionChoice, autocast_dtype, choose_precision
+from dotmoe.record import ConversionRecord
 from dotmoe.prepare import Prepared, calibration_sequences, preflight, prepare
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
@@ -283,7 +284,7 @@ def train_joint(begun: JointStart, progress: bool = True) -> ConvertResult:
         partitions, start_routers = torch.zeros((len(mlps), num_neurons), dtype=torch.long), None
     else:
         needs_inputs = cfg.init_router != "random" or cfg.drop > 0 or \
-            partition_kind(cfg) in ("activation", "hidden-kmeans-router", "coactivation")
+            partition_kind_named(partition_kind(cfg)).needs_inputs
         calib = calibration_sequences(seqs, cfg) if needs_inputs else None
         partitions, start_routers = initial_partitions(cfg, model, mlps, caps, calib, progress)
     peaks.mark("calibrate")
@@ -558,26 +559,22 @@ def train_joint(begun: JointStart, progress: bool = True) -> ConvertResult:
             if accelerator.is_main_process:
                 save_trained_weights(out, weights)
             del weights
-    summary = {
-        "method": cfg.method, "experts": cfg.experts, "top_k": cfg.top_k, "shared": cfg.shared, "drop": cfg.drop,
-        "gating": cfg.gating,
-        "capacities": caps.tolist(), "intermediate_size": num_neurons, "num_layers": len(moes),
-        "mlp_modules": mlp_names,
-        "base_model": str(model_path.resolve()), "train_tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
-        "steps": cfg.steps, "processes": accelerator.num_processes, "wall_seconds": round(time.time() - t0, 1),
-        "final_terms": {k: v for k, v in history[-1].items() if k not in ("step", "tokens")} if history else {},
-        "val_ppl": round(final_ppl, 4), "dense_val_ppl": round(dense_ppl, 4),
-        "ppl_ratio": round(final_ppl / dense_ppl, 4), "eval_curve": evals, "best_step": best_step,
-        "eval_steps": [r["step"] for r in history if "val_ppl" in r], "config": cfg.to_dict(),
-        "refit_errors": None if refit_errors is None else [round(e, 5) for e in refit_errors],
-        "refit_ridges": refit_ridges,
-        "peak_rss_mb": peaks, "stage_seconds": peaks.seconds, "precision": precision.name,
-        "precision_reason": precision.reason,
-    }
+    record = ConversionRecord(
+        method=cfg.method, mode="joint", experts=cfg.experts, top_k=cfg.top_k, shared=cfg.shared, drop=cfg.drop,
+        gating=cfg.gating, capacities=caps.tolist(), intermediate_size=num_neurons, num_layers=len(moes),
+        mlp_modules=mlp_names, base_model=str(model_path.resolve()),
+        train_tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, steps=cfg.steps,
+        processes=accelerator.num_processes, wall_seconds=round(time.time() - t0, 1),
+        final_terms={k: v for k, v in history[-1].items() if k not in ("step", "tokens")} if history else {},
+        val_ppl=round(final_ppl, 4), dense_val_ppl=round(dense_ppl, 4), ppl_ratio=round(final_ppl / dense_ppl, 4),
+        eval_curve=evals, best_step=best_step, eval_steps=[r["step"] for r in history if "val_ppl" in r],
+        config=cfg.to_dict(), refit_errors=None if refit_errors is None else [round(e, 5) for e in refit_errors],
+        refit_ridges=refit_ridges, peak_rss_mb=peaks, stage_seconds=peaks.seconds, precision=precision.name,
+        precision_reason=precision.reason)
     if accelerator.is_main_process:
         from dotmoe.artifacts import save_conversion
 
-        save_conversion(out, partition, routers, raw.model, summary)
+        save_conversion(out, partition, routers, record)
     # the export reads the conversion back from disk and loads two models of its own to check parity: release this
     # run's model, optimizer state and snapshots first (SmolLM2 training-free: peak 3,177 MB at the export before)
     module = raw = model = prep = mlps = optimizer = teacher = assigner = good = write_checkpoint = stop_here = None
@@ -587,9 +584,9 @@ def train_joint(begun: JointStart, progress: bool = True) -> ConvertResult:
     if accelerator.is_main_process:
         from dotmoe.artifacts import mark_complete
 
-        export_and_record(out, cfg, summary, progress)
+        export_and_record(out, cfg, record, progress)
         mark_complete(out)  # last: only now is this a finished result
         ckpt_path.unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
-    return ConvertResult(out_dir=out, partition=partition, summary=summary)
+    return ConvertResult(out_dir=out, partition=partition, record=record)
 
