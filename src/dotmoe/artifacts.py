@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from dotmoe.atomic import atomic_write
 from dotmoe.errors import DotMoeError
-from dotmoe.record import ConversionRecord, RecordError, _is_int
+from dotmoe.record import ConversionRecord, RecordError, is_int
 from dotmoe.guards import CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT
 from dotmoe.run_dir import META_FILE, drop_previous, file_sha256
 
@@ -222,7 +222,7 @@ def _check_base_model(record: ConversionRecord, hidden: int, meta_file: Path) ->
     dense = dense.get("text_config", dense) if isinstance(dense.get("text_config"), dict) else dense
     mine = {"num_hidden_layers": record.num_layers, "intermediate_size": record.intermediate_size,
             "hidden_size": hidden}
-    diff = [f"{k} {dense[k]} vs {v}" for k, v in mine.items() if _is_int(dense.get(k)) and dense[k] != v]
+    diff = [f"{k} {dense[k]} vs {v}" for k, v in mine.items() if is_int(dense.get(k)) and dense[k] != v]
     if diff:
         raise DotMoeError(f"corrupt convert output: {meta_file}: its base model {record.base_model} does not match "
                           f"the conversion ({', '.join(diff)}; model vs conversion)")

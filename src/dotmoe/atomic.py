@@ -41,7 +41,7 @@ def staged_directory(target: Path) -> Iterator[Path]:
     """A fresh temporary directory beside `target` to write into; when the block finishes it replaces `target`
     (a previous one is renamed aside, then deleted), when the block fails it is removed and `target` stays."""
     target = Path(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = temporary_name(target, unique=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

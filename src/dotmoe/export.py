@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dotmoe.atomic import staged_directory
-from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_conversion, read_record
+from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_conversion
 from dotmoe.errors import DotMoeError
 from dotmoe.export_formats import ExportPlan, moe_config, moe_keys, plan_export, router_key
 from dotmoe.guards import check_export_destination
@@ -286,11 +286,11 @@ def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: i
     from dotmoe.sparse_model import load_sparse_model
 
     cfg = json.loads((model_dir / "config.json").read_text())
-    reference, tokenizer, _ = load_sparse_model(convert_dir, round_to=DTYPES[cfg["dtype"]],
-                                                require_complete=require_complete)
+    reference, tokenizer, conv = load_sparse_model(convert_dir, round_to=DTYPES[cfg["dtype"]],
+                                                   require_complete=require_complete)
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=plan.custom)
     exported.eval()
-    base = read_record(convert_dir, require_complete).base_model
+    base = conv.record.base_model
     ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", base))]), tokens).unsqueeze(0)
     a = reference(input_ids=ids).logits
     b = exported(input_ids=ids).logits

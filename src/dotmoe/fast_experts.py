@@ -93,8 +93,9 @@ def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     """The kernel for the step's size, chosen from its shape alone (no host sync): fewer token-expert pairs than
     half the experts (batch-1 decoding at small k/E) -> `dotmoe_gather`, which reads only the selected experts;
     up to SMALL_STEP_PAIRS pairs -> `dotmoe_all` (the batch touches most experts anyway); more (prefill) -> stock
-    `grouped_mm`. SmolLM2-135M export, 2 threads bf16 (benchmarks/results/speed.md): gather is fastest at k=2
-    batch 1 (2 of 8 experts), all at every batch of 2-16 and at k=4 batch 1."""
+    `grouped_mm`. SmolLM2-135M exports, 2 threads, bf16 (benchmarks/results/speed_smollm2_xeon.md): gather is
+    fastest at k=2 batch 1 (2 of 8 experts), all at every batch of 2-16 and at k=4 batch 1; in fp32 stock
+    grouped_mm is faster at k=2 batches 2-8 (speed_smollm2_auto_fp32_xeon.md), which this rule does not see."""
     if top_k_index.numel() < self.num_experts / 2:
         return gather_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return all_experts_forward(self, hidden_states, top_k_index, top_k_weights)

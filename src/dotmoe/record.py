@@ -20,7 +20,8 @@ class RecordError(ValueError):
     """A record field is missing or has a wrong type or value (the message names it)."""
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An int that is not a bool (JSON true/false load as bools)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -28,12 +29,12 @@ def _is_int(v) -> bool:
 _REQUIRED = (
     ("method", lambda v: isinstance(v, str), "a string"),
     ("base_model", lambda v: isinstance(v, str) and v, "a path"),
-    ("num_layers", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("intermediate_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("experts", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    ("top_k", lambda v: _is_int(v) and 1 <= v, "an integer >= 1"),
-    ("shared", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    ("drop", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("num_layers", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("intermediate_size", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("experts", lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    ("top_k", lambda v: is_int(v) and 1 <= v, "an integer >= 1"),
+    ("shared", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    ("drop", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     ("mlp_modules", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v), "a list of module names"),
 )
 
@@ -110,7 +111,7 @@ class ConversionRecord:
         if drop and not shared:
             raise RecordError(f"drop={drop} without a shared expert")
         columns = experts + (1 if shared else 0) + (1 if drop else 0)
-        if not isinstance(caps, list) or len(caps) != columns or not all(_is_int(c) and c >= 1 for c in caps):
+        if not isinstance(caps, list) or len(caps) != columns or not all(is_int(c) and c >= 1 for c in caps):
             raise RecordError(f"'capacities' must be {columns} integers >= 1, got {caps!r}")
         if shared and caps[experts] != shared:
             raise RecordError(f"the shared capacity {caps[experts]} is not shared={shared}")
