@@ -166,11 +166,11 @@ def interrupt_training(monkeypatch):
 
 @pytest.fixture
 def refit_calls(monkeypatch) -> list[bool]:
-    """Spy on dotmoe.train.refit_moe_down: the list gets each call's keep_teacher flag, the refit still runs."""
-    import dotmoe.train as train
+    """Spy on the recipe's refit_moe_down: the list gets each call's keep_teacher flag, the refit still runs."""
+    import dotmoe.joint_recipe as recipe
 
     calls: list[bool] = []
-    original = train.refit_moe_down
-    monkeypatch.setattr(train, "refit_moe_down",
+    original = recipe.refit_moe_down
+    monkeypatch.setattr(recipe, "refit_moe_down",
                         lambda *a, **kw: calls.append(kw.get("keep_teacher", True)) or original(*a, **kw))
     return calls

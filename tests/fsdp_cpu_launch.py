@@ -12,6 +12,7 @@ import sys
 from accelerate import FullyShardedDataParallelPlugin
 from accelerate.utils import DistributedType
 
+import dotmoe.joint_recipe as recipe
 import dotmoe.train as train
 
 _build = train._accelerator
@@ -44,13 +45,13 @@ if os.environ.get("DOTMOE_TEST_FSDP_REPORT"):  # write the FSDP units of the pre
     train.MoeTrainingModule.train = _train_and_report
 
 if os.environ.get("DOTMOE_TEST_DIE_AFTER_CHECKPOINT"):  # a crash right after the first checkpoint is written
-    _save = train.save_checkpoint
+    _save = recipe.save_checkpoint
 
     def _save_then_die(obj, path):
         _save(obj, path)
         os._exit(1)
 
-    train.save_checkpoint = _save_then_die
+    recipe.save_checkpoint = _save_then_die
 
 if __name__ == "__main__":
     from dotmoe.cli import main

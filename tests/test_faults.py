@@ -136,6 +136,51 @@ def test_signal_during_layerwise_conversion_resumes_to_the_same_result(signum, l
     assert resumed.meta["layer_errors"] == reference.meta["layer_errors"]
 
 
+def test_training_free_run_stopped_after_its_refit_resumes_from_it(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
+    """A training-free run stopped during its final evaluation keeps its partition and refit (the slow part) in a
+    checkpoint: --resume neither calibrates nor refits again and ends exactly like an uninterrupted run."""
+    import dotmoe.joint_recipe as recipe
+    from safetensors.torch import load_file
+
+    from dotmoe.errors import Interrupted
+    from dotmoe.guards import CHECKPOINT, output_state
+
+    full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", tokens=0))
+    out = tmp_path / "stopped"
+    measure = recipe.perplexity
+
+    def stop_at_the_final_evaluation(*args, desc="perplexity", **kw):
+        if desc == "perplexity (MoE)":
+            raise Interrupted()
+        return measure(*args, desc=desc, **kw)
+
+    monkeypatch.setattr(recipe, "perplexity", stop_at_the_final_evaluation)
+    with pytest.raises(Interrupted):
+        convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0))
+    assert output_state(out) == "resumable" and not (out / "dotmoe_meta.json").exists()
+
+    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    torch.save({**saved, "stage": "trained"}, out / CHECKPOINT)  # not a refitted state: refused, named
+    with pytest.raises(DotMoeError, match="is damaged"):
+        convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0, resume=True))
+    torch.save(saved, out / CHECKPOINT)
+
+    def must_not_run(*args, **kw):
+        raise AssertionError("the resumed run redid work its checkpoint holds")
+
+    monkeypatch.setattr(recipe, "perplexity", measure)
+    monkeypatch.setattr(recipe, "initial_partitions", must_not_run)
+    monkeypatch.setattr(recipe, "refit_moe_down", must_not_run)
+    resumed = convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0, resume=True))
+    assert torch.equal(resumed.partition, full.partition)
+    assert resumed.record.val_ppl == full.record.val_ppl and resumed.record.refit_errors == full.record.refit_errors
+    got, want = load_conversion(out), load_conversion(tmp_path / "full")
+    assert all(torch.equal(a, b) for a, b in zip(got.routers, want.routers))
+    got_w, want_w = (load_file(d / "trained_weights.safetensors") for d in (out, tmp_path / "full"))
+    assert got_w.keys() == want_w.keys() and all(torch.equal(got_w[k], want_w[k]) for k in want_w)
+    assert output_state(out) == "complete" and not (out / CHECKPOINT).exists()
+
+
 def test_non_finite_step_is_reverted_logged_and_skipped(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
     original = MoeTrainingModule.forward
     calls = {"n": 0}

@@ -236,17 +236,18 @@ def test_unfinished_conversion_is_never_taken_for_a_result(work, reference, inte
 
     monkeypatch.setattr("dotmoe.artifacts.mark_complete", die)
     out = tmp_path / "crashed"
-    free = ["--tokens", "0", "--export-format", "auto"]  # training-free: nothing to checkpoint
+    free = ["--tokens", "0", "--export-format", "auto"]  # training-free: its refit is checkpointed
     assert main(argv + ["--out", str(out), *free]) == 130
-    assert "start over with: dotmoe convert" in capsys.readouterr().err
+    assert "resume with: dotmoe convert" in capsys.readouterr().err
     assert (out / "model" / "config.json").is_file() and (out / "dotmoe_meta.json").is_file()
     assert "unfinished" in cli_error(["eval", "--model", str(out / "model"), "--tokens", "256"], capsys)
     assert "unfinished" in cli_error(["export", "--from", str(out), "--out", str(tmp_path / "z")], capsys)
-    assert "holds an unfinished conversion" in cli_error(argv + ["--out", str(out), *free], capsys)
+    assert "holds an interrupted run's checkpoint" in cli_error(argv + ["--out", str(out), *free], capsys)
     assert not any((tmp_path / n).exists() for n in "xyz") and not (out / "model" / "eval.json").exists()
     monkeypatch.undo()
-    assert main(argv + ["--out", str(out), *free, "--overwrite"]) == 0
+    assert main(argv + ["--out", str(out), *free, "--resume"]) == 0
     assert (out / "COMPLETE").is_file() and load_conversion(out).meta["steps"] == 0
+    assert main(argv + ["--out", str(out), *free, "--overwrite"]) == 0 and (out / "COMPLETE").is_file()
 
 
 def _edit_assignment(conv, edit):

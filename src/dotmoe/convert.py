@@ -41,7 +41,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                 from dotmoe.layerwise import convert_layerwise
 
                 return convert_layerwise(cfg, progress)
-            from dotmoe.train import start_joint, train_joint
+            from dotmoe.joint_recipe import train_joint
+            from dotmoe.train import start_joint
 
             begun = start_joint(cfg, progress)
             if begun.cfg.method == "prune":  # pruning (+ distillation) from the same loaded model

@@ -3,7 +3,7 @@
 The strong baseline a user would try first: prune to the MoE's active budget, then train every weight on the same
 tokens, in the same order, with the same loss (forward KL to the teacher + the optional LM term), optimizer (AdamW),
 learning-rate schedule (warmup, cosine decay) and validation schedule as the joint DOT-MoE training
-(`dotmoe.train.convert_joint`), keeping the best validation state. It has no routers or assignment, so it does not
+(`dotmoe.joint_recipe.JointRecipe`), keeping the best validation state. It has no routers or assignment, so it does not
 need convert_joint's machinery; it keeps the best state in memory and does not checkpoint (a pruned run is refused
 with --resume: an interrupted one is started again).
 """

@@ -150,7 +150,7 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
     `convert` and exports."""
     from dotmoe.artifacts import mark_complete, read_record
     from dotmoe.conversion_result import ConvertResult, export_and_record
-    from dotmoe.train import convert_joint
+    from dotmoe.joint_recipe import convert_joint
 
     out = Path(cfg.out)
     if not cfg.global_tokens:

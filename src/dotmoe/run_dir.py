@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dotmoe.errors import DotMoeError
 
-# files of a `dotmoe convert` output directory (artifacts.py / train.py / layerwise.py own their contents)
+# files of a `dotmoe convert` output directory (artifacts.py / joint_recipe.py / layerwise.py own their contents)
 COMPLETE = "COMPLETE"  # written last: its presence is what makes a conversion directory a finished result
 CHECKPOINT = "checkpoint.pt"
 LAYERWISE_CHECKPOINT = "layerwise_checkpoint.pt"
