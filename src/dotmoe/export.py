@@ -25,13 +25,11 @@ from tqdm import tqdm
 from dotmoe.atomic import staged_directory
 from dotmoe.artifacts import META_FILE, TRAINED_WEIGHTS_FILE, Conversion, load_conversion
 from dotmoe.errors import DotMoeError
-from dotmoe.export_formats import ExportPlan, moe_config, moe_keys, plan_export, router_key
+from dotmoe.export_formats import ExportPlan, moe_config, plan_export
 from dotmoe.guards import check_export_destination
 from dotmoe.record import ConversionRecord
 from dotmoe.run_dir import REMOTE_CODE, TOKENIZER_FILES
 
-SHARED_EXPERT_BASES = ("qwen2_moe", "gemma3_moe")  # MoE blocks with a (possibly size-0) sigmoid-gated shared expert
-_BASE_CLASS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -163,12 +161,13 @@ def _moe_tensors(conv: Conversion, plan: ExportPlan, layer: int, prefix: str, sr
     # stock weights are renormalised top-k probabilities (sum 1); softmax gating sums to k, and so does the
     # stock approximation of mask gating. Only the custom class gives each selected expert exactly 1.
     scale = 1.0 if record.gating == "mask" and plan.custom else float(top_k)
-    yield router_key(plan.base, prefix), conv.routers[layer], False
+    target = plan.target
+    yield target.router_key(prefix), conv.routers[layer], False
     for e in range(experts):
         neurons = (part == e).nonzero().flatten()
-        for name, t in zip(moe_keys(plan.base, prefix, e), _expert_tensors(gate, up, down, neurons, expert_size, scale)):
+        for name, t in zip(target.expert_keys(prefix, e), _expert_tensors(gate, up, down, neurons, expert_size, scale)):
             yield name, t, True
-    if plan.base in SHARED_EXPERT_BASES:
+    if target.shared_expert:
         neurons = (part == experts).nonzero().flatten()  # shared column = last id; empty when shared == 0
         g, u, d = _expert_tensors(gate, up, down, neurons, shared, 2.0)
         for w, t in (("gate", g), ("up", u), ("down", d)):
@@ -176,8 +175,16 @@ def _moe_tensors(conv: Conversion, plan: ExportPlan, layer: int, prefix: str, sr
         yield f"{prefix}.shared_expert_gate.weight", gate.new_zeros(1, gate.shape[1]), False
 
 
-def _fill_template(text: str, base: str) -> str:
-    return text.replace("__BASE_CLASS__", _BASE_CLASS[base]).replace("__BASE__", base)
+def _remote_code(name: str, plan: ExportPlan) -> str:
+    """The custom class's file `name` for this target: the template filled in with its stock classes, or the
+    target's own file (Gemma-3: its model with stock Qwen2-MoE blocks)."""
+    from importlib.resources import files
+
+    target, folder = plan.target, files("dotmoe").joinpath("assets", "remote_code")
+    if target.class_prefix is None:
+        return folder.joinpath(name.replace(".py", f"_{target.name.removesuffix('_moe')}.py")).read_text()
+    return folder.joinpath(name).read_text().replace("__BASE_CLASS__", target.class_prefix).replace("__BASE__",
+                                                                                                  target.name)
 
 
 def _model_card(cfg: dict, plan: ExportPlan, record: ConversionRecord, params: dict[str, int]) -> str:
@@ -258,14 +265,8 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
             if (base_dir / f).is_file():
                 shutil.copy2(base_dir / f, tmp / f)
         if plan.custom:
-            from importlib.resources import files
-
             for f in REMOTE_CODE:
-                if plan.base == "gemma3_moe":  # its own files (Gemma-3 model, stock Qwen2-MoE blocks)
-                    text = files("dotmoe").joinpath("assets", "remote_code", f.replace(".py", "_gemma3.py")).read_text()
-                else:
-                    text = _fill_template(files("dotmoe").joinpath("assets", "remote_code", f).read_text(), plan.base)
-                (tmp / f).write_text(text)
+                (tmp / f).write_text(_remote_code(f, plan))
         shutil.copy2(convert_dir / META_FILE, tmp / META_FILE)
         (tmp / "README.md").write_text(_model_card(cfg, plan, record, params))
         parity = check_export(convert_dir, tmp, plan, check_tokens, require_complete) if check_tokens else {}

@@ -16,29 +16,92 @@ llama.cpp's converter and transformers (which fuses it on load) all read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from dotmoe.errors import DotMoeError
 
-FORMATS = ("auto", "mixtral", "qwen3_moe", "qwen2_moe", "dotmoe")
-STOCK_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "qwen2_moe": "Qwen2MoeForCausalLM"}
 # dense config keys that mean nothing (or something else) in the MoE config
 _DROP_KEYS = ("architectures", "model_type", "intermediate_size", "mlp_bias", "pretraining_tp", "auto_map",
               "transformers_version", "_name_or_path")
 
 
+def _mixtral_keys(cfg: dict, dense: dict, experts: int, top_k: int, expert_size: int, shared: int) -> None:
+    cfg.update(num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
+               router_jitter_noise=0.0, output_router_logits=False)
+    cfg.setdefault("sliding_window", None)
+
+
+def _qwen3_moe_keys(cfg: dict, dense: dict, experts: int, top_k: int, expert_size: int, shared: int) -> None:
+    cfg.update(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
+               intermediate_size=expert_size, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+               output_router_logits=False)
+
+
+def _qwen2_moe_keys(cfg: dict, dense: dict, experts: int, top_k: int, expert_size: int, shared: int) -> None:
+    _qwen3_moe_keys(cfg, dense, experts, top_k, expert_size, shared)
+    cfg.update(shared_expert_intermediate_size=shared, qkv_bias=dense.get("model_type") == "qwen2",
+               use_sliding_window=dense.get("use_sliding_window", False))
+    cfg.pop("head_dim", None)
+    cfg.pop("attention_bias", None)
+
+
+def _gemma3_moe_keys(cfg: dict, dense: dict, experts: int, top_k: int, expert_size: int, shared: int) -> None:
+    cfg.update(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
+               intermediate_size=expert_size, shared_expert_intermediate_size=shared, norm_topk_prob=True,
+               hidden_act=dense.get("hidden_activation", "gelu_pytorch_tanh"), output_router_logits=False)
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """One MoE architecture a conversion is written as (a row of `TARGETS`, like mergekit's output architectures):
+    its stock class, whether its blocks hold a shared expert, the keys its config adds, its weight names."""
+
+    name: str
+    stock_class: str | None  # None: no stock class computes it (always written as the custom class)
+    class_prefix: str | None  # of the stock classes the custom class's template subclasses (None: own files)
+    shared_expert: bool  # its MoE block has a (possibly size-0) sigmoid-gated shared expert
+    add_config_keys: Callable[..., None]  # (cfg, dense, experts, top_k, expert_size, shared): the MoE keys
+    block: str | None = None  # the MoE block's module name beside the MLP's (None: the MLP module itself)
+    expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def _root(self, prefix: str) -> str:
+        return prefix if self.block is None else f"{prefix.rsplit('.', 1)[0]}.{self.block}"
+
+    def expert_keys(self, prefix: str, expert: int) -> tuple[str, str, str]:
+        """Checkpoint names of (gate, up, down) of routed expert `expert` under the MLP module `prefix`."""
+        root = self._root(prefix)
+        return tuple(f"{root}.experts.{expert}.{w}.weight" for w in self.expert_weights)
+
+    def router_key(self, prefix: str) -> str:
+        return f"{self._root(prefix)}.gate.weight"
+
+
+TARGETS = {t.name: t for t in (
+    ExportTarget("mixtral", "MixtralForCausalLM", "Mixtral", False, _mixtral_keys, block="block_sparse_moe",
+                 expert_weights=("w1", "w3", "w2")),
+    ExportTarget("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3Moe", False, _qwen3_moe_keys),
+    ExportTarget("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2Moe", True, _qwen2_moe_keys),
+    ExportTarget("gemma3_moe", None, None, True, _gemma3_moe_keys),
+)}
+FORMATS = ("auto", *(name for name, t in TARGETS.items() if t.stock_class), "dotmoe")
+
+
 @dataclass(frozen=True)
 class ExportPlan:
-    """What will be written: the stock base architecture, whether the custom class wraps it, and why."""
+    """What will be written: the target architecture, whether the custom class wraps it, and why."""
 
-    base: str  # mixtral | qwen3_moe | qwen2_moe
+    base: str  # a TARGETS name
     custom: bool  # write the exact `dotmoe` class (mask gating, k > 1)
     exact: bool  # the written model computes exactly the training-time sparse forward
     note: str = ""
 
     @property
+    def target(self) -> ExportTarget:
+        return TARGETS[self.base]
+
+    @property
     def architecture(self) -> str:
-        return "DotMoeForCausalLM" if self.custom else STOCK_CLASSES[self.base]
+        return "DotMoeForCausalLM" if self.custom else self.target.stock_class
 
 
 GEMMA3_NO_STOCK = ("no stock transformers class computes Gemma-3 with routed experts: exact custom class "
@@ -102,26 +165,9 @@ def plan_export(dense: dict, fmt: str, shared: int, gating: str, top_k: int) -> 
 
 def moe_config(dense: dict, plan: ExportPlan, *, experts: int, top_k: int, expert_size: int, shared: int,
                gating: str, dtype: str) -> dict:
-    """config.json of the exported model (dense settings carried over, MoE keys added)."""
+    """config.json of the exported model (dense settings carried over, the target's MoE keys added)."""
     cfg = {k: v for k, v in dense.items() if k not in _DROP_KEYS}
-    if plan.base == "gemma3_moe":
-        cfg.update(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
-                   intermediate_size=expert_size, shared_expert_intermediate_size=shared, norm_topk_prob=True,
-                   hidden_act=dense.get("hidden_activation", "gelu_pytorch_tanh"), output_router_logits=False)
-    elif plan.base == "mixtral":
-        cfg.update(num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=expert_size,
-                   router_jitter_noise=0.0, output_router_logits=False)
-        cfg.setdefault("sliding_window", None)
-    else:
-        cfg.update(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
-                   intermediate_size=expert_size, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                   output_router_logits=False)
-        if plan.base == "qwen2_moe":
-            cfg.update(shared_expert_intermediate_size=shared,
-                       qkv_bias=dense.get("model_type") == "qwen2",
-                       use_sliding_window=dense.get("use_sliding_window", False))
-            cfg.pop("head_dim", None)
-            cfg.pop("attention_bias", None)
+    plan.target.add_config_keys(cfg, dense, experts, top_k, expert_size, shared)
     cfg["dtype"] = dtype
     if plan.custom:
         cfg.update(model_type=f"dotmoe_{plan.base}", dotmoe_gating=gating,
@@ -131,17 +177,3 @@ def moe_config(dense: dict, plan: ExportPlan, *, experts: int, top_k: int, exper
         cfg["model_type"] = plan.base
     cfg["architectures"] = [plan.architecture]
     return cfg
-
-
-def moe_keys(base: str, prefix: str, expert: int) -> tuple[str, str, str]:
-    """Checkpoint names of (gate, up, down) of routed expert `expert` under the MLP module `prefix`."""
-    if base == "mixtral":
-        root = prefix.rsplit(".", 1)[0] + ".block_sparse_moe"
-        return tuple(f"{root}.experts.{expert}.{w}.weight" for w in ("w1", "w3", "w2"))
-    return tuple(f"{prefix}.experts.{expert}.{w}_proj.weight" for w in ("gate", "up", "down"))
-
-
-def router_key(base: str, prefix: str) -> str:
-    if base == "mixtral":
-        return prefix.rsplit(".", 1)[0] + ".block_sparse_moe.gate.weight"
-    return f"{prefix}.gate.weight"
