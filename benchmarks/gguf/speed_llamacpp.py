@@ -2,7 +2,7 @@
 """llama.cpp (llama-cpp-python, CPU) inference speed: dense HF checkpoint vs its Mixtral-format MoE export.
 
   python benchmarks/gguf/speed_llamacpp.py --dense DENSE_HF_DIR --moe MOE_HF_DIR
-         [--outtype f16|f32|bf16] [--batch 1] [--prompt 128] [--new-tokens 32] [--runs 5]
+         [--outtype f16|f32|bf16|q8_0] [--batch 1] [--prompt 128] [--new-tokens 32] [--runs 5]
          [--threads 2] [--workdir DIR] [--converter PATH] [--json PATH] [--seed 0] [--sequential]
 
 Run it with the GGUF venv's python (benchmarks/gguf/setup.sh), e.g. `.gguf/venv/bin/python ...`.
@@ -144,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", required=True, type=Path, help="dense HF model dir")
     ap.add_argument("--moe", required=True, type=Path, help="MoE (Mixtral-format) HF model dir")
-    ap.add_argument("--outtype", choices=["f16", "f32", "bf16"], default="f16")
+    ap.add_argument("--outtype", choices=["f16", "f32", "bf16", "q8_0"], default="f16")
     ap.add_argument("--batch", type=int, default=1, help="only 1 is supported")
     ap.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
     ap.add_argument("--new-tokens", type=int, default=32)
