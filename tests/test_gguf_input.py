@@ -84,6 +84,32 @@ def test_convert_eval_and_layerwise_accept_a_gguf(tiny_gguf, tiny_text, cache, t
     assert "decode x" in capsys.readouterr().out
 
 
+def _without_package(monkeypatch, name):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, **k: None if n == name else real(n, *a, **k))
+
+
+def test_optional_packages_missing_are_one_line_or_skipped(tiny_gguf, tiny_text, cache, tmp_path, capsys,
+                                                           monkeypatch):
+    """gguf and matplotlib are extras: a .gguf model without gguf is one line naming the extra (nothing written);
+    eval without matplotlib writes its report and says the plots need it."""
+    from conftest import cli_error
+
+    dense, gguf = tiny_gguf
+    _without_package(monkeypatch, "gguf")
+    line = cli_error(["sample-data", "--model", str(gguf), "--out", str(tmp_path / "s.txt"), "--tokens", "8"], capsys)
+    assert "needs the optional package 'gguf'" in line and "dotmoe[gguf]" in line
+    assert not (tmp_path / "s.txt").exists() and not (cache / "gguf").exists()
+    monkeypatch.undo()
+    _without_package(monkeypatch, "matplotlib")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(dense), "--data", str(tiny_text), "--tokens", "256", "--out", str(out)]) == 0
+    assert "dotmoe[plots]" in capsys.readouterr().out and json.loads(out.read_text())["ppl"] > 1
+    assert not list(tmp_path.glob("*.png"))
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "GGUF file not found"),
     (b"not a gguf file at all", "is not a GGUF file"),

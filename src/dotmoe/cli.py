@@ -171,14 +171,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
                      limit=args.limit, trust_remote_code=args.trust_remote_code, out=str(out))
     report = evaluate(cfg)
     print(format_report(report))
-    if "router" in report:
-        from dotmoe.plots import load_heatmap
+    from dotmoe.errors import has_extra
 
-        load_heatmap(report["router"]["load"], plot_paths(out)[0], f"expert load: {Path(args.model).name}")
-    if "recon_error" in report:
-        from dotmoe.plots import recon_per_layer
+    if has_extra("matplotlib"):
+        from dotmoe.plots import load_heatmap, recon_per_layer
 
-        recon_per_layer({Path(args.model).name: report["recon_error"]}, plot_paths(out)[1])
+        if "router" in report:
+            load_heatmap(report["router"]["load"], plot_paths(out)[0], f"expert load: {Path(args.model).name}")
+        if "recon_error" in report:
+            recon_per_layer({Path(args.model).name: report["recon_error"]}, plot_paths(out)[1])
+    else:
+        print("no PNG plots: they need the optional package 'matplotlib' (pip install 'dotmoe[plots]')")
     print(f"report: {out}")
 
 

@@ -21,6 +21,21 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+def require_extra(module: str, what: str, extra: str) -> None:
+    """`what` needs the optional package `module`: a one-line error saying how to install it when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise DotMoeError(f"{what} needs the optional package {module!r}: pip install 'dotmoe[{extra}]'")
+
+
+def has_extra(module: str) -> bool:
+    """Whether the optional package `module` is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 # what libraries say when the environment refuses a write (they wrap the OSError in their own exception types)
 _ENVIRONMENT = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.ELOOP:

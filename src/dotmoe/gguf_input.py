@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dotmoe.atomic import staged_directory
-from dotmoe.errors import DotMoeError
+from dotmoe.errors import DotMoeError, require_extra
 
 SOURCE_FILE = "dotmoe_source.json"  # provenance of a dequantized directory
 GGUF_MAGIC = b"GGUF"
@@ -78,6 +78,7 @@ def dequantize_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.float32, s
 
     if (out / "config.json").is_file():
         return out
+    require_extra("gguf", f"reading {gguf.name}", "gguf")  # transformers' GGUF loader uses it
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").is_file():  # another process finished it while we waited
