@@ -254,11 +254,12 @@ def demo_report(out_dirs: list[Path], header: str) -> str:
     lines = [header, "", "| method | E | k | tokens | val PPL | dense PPL | PPL ratio | final KL | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     from dotmoe.artifacts import read_record
+    from dotmoe.run_dir import TRAIN_LOG
 
     logs = []
     for out in out_dirs:
         r = read_record(out)
-        records = [json.loads(x) for x in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+        records = [json.loads(x) for x in (Path(out) / TRAIN_LOG).read_text().splitlines()]
         logs.append((r.method, [rec for rec in records if "event" not in rec]))
         lines.append(f"| {r.method} | {r.experts} | {r.top_k} | {r.train_tokens} | {r.val_ppl:.3f} | "
                      f"{r.dense_val_ppl:.3f} | {r.ppl_ratio:.3f} | {r.final_terms['kl']:.4f} | {r.wall_seconds} |")

@@ -34,6 +34,7 @@ from dotmoe.perplexity import perplexity
 from dotmoe.precision import autocast_dtype
 from dotmoe.prepare import calibration_sequences, preflight
 from dotmoe.record import ConversionRecord
+from dotmoe.run_dir import TRAIN_LOG
 from dotmoe.sharding import (full_optimizer_state, full_tensor, full_trainable_state, gathered, has_sharded_parameters,
                              load_full_optimizer_state, load_full_state)
 from dotmoe.step_profile import StepProfiler
@@ -63,7 +64,7 @@ class JointRecipe:
         self.progress = progress
         self.out = Path(self.cfg.out)
         self.ckpt_path, self.best_path, self.log_path = (self.out / CHECKPOINT, self.out / BEST_STATE,
-                                                         self.out / "train_log.jsonl")
+                                                         self.out / TRAIN_LOG)
         self.caps = torch.tensor(self.cfg.column_capacities(self.prep.num_neurons))
         self.resumed = None  # a training-free run's refitted state, when it resumes from one
         self.refit_errors = self.refit_ridges = None  # of the last refit

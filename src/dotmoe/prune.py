@@ -21,11 +21,12 @@ from dotmoe.artifacts import mark_complete, write_record
 from dotmoe.atomic import staged_directory
 from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
-from dotmoe.guards import prepare_output
 from dotmoe.dense_ppl_cache import dense_perplexity
+from dotmoe.guards import prepare_output
 from dotmoe.perplexity import perplexity
 from dotmoe.record import ConversionRecord
 from dotmoe.resources import StagePeaks
+from dotmoe.run_dir import TRAIN_LOG
 
 
 def kept_neurons(cfg: ConvertConfig, num_neurons: int) -> int:
@@ -123,7 +124,7 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
 
         if precision is not None and precision.dtype != torch.float32:
             model.to(torch.float32)  # trained weights are fp32 (choose_precision picks fp32 for them anyway)
-        trained = distill_dense(model, teacher, prep.seqs, prep.eval_ids, cfg, out / "train_log.jsonl", progress)
+        trained = distill_dense(model, teacher, prep.seqs, prep.eval_ids, cfg, out / TRAIN_LOG, progress)
         teacher = None
         peaks.mark("train")
     with torch.no_grad():

@@ -32,7 +32,8 @@ BEST_STATE = "best_state.pt"  # the trainable state at the best validation perpl
 LAYERWISE_DIR = "layerwise"
 META_FILE = "dotmoe_meta.json"
 EXPORT_DIR = "model"
-RUN_FILES = (META_FILE, "assignment.safetensors", "trained_weights.safetensors", "train_log.jsonl", EXPORT_DIR,
+TRAIN_LOG = "train_log.jsonl"  # one JSON record per training step (and evaluation, and skipped bad step)
+RUN_FILES = (META_FILE, "assignment.safetensors", "trained_weights.safetensors", TRAIN_LOG, EXPORT_DIR,
              BEST_STATE)
 CONVERT_FILES = frozenset((COMPLETE, CHECKPOINT, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, *RUN_FILES))
 
