@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from dotmoe.moe_mlp import install_moe, moe_disabled
+from dotmoe.moe_mlp import install_moe, moe_disabled, recorded_routing
 from dotmoe.partitions import random_partition
 from dotmoe.rounding import one_hot_assignment
 from dotmoe.router import TopKRouter
@@ -50,6 +50,32 @@ def test_sparse_forward_matches_per_expert_reference(tiny_llama_dir):
                 ref = _expert_reference(moe.dense, x, part, gates)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     del model
+
+
+def test_recorded_routing_gives_each_layers_router_output_of_the_block_only(tiny_llama_dir):
+    """The recorder returns, per MoE layer, the router's output on that layer's own input (checked against the
+    router applied to the input captured by an independent hook), None for layers that did not route (the dense
+    teacher), and leaves no hook behind."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    moes = install_moe(model, 4, 2, "softmax", shared=False)
+    n = moes[0].dense.gate_proj.out_features
+    for m in moes:
+        m.assignment = one_hot_assignment(random_partition(torch.tensor(capacities(n, 4)),
+                                                           torch.Generator().manual_seed(2)), 4)
+    inputs = []
+    grab = moes[1].register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        with recorded_routing(moes) as routed:
+            model(ids)
+        grab.remove()
+        assert len(routed) == len(moes) and all(r is not None for r in routed)
+        torch.testing.assert_close(routed[1].logits, moes[1].router(inputs[0]).logits, rtol=0, atol=0)
+        assert routed[0].gates.shape == (2, 7, 4)
+        assert all(not m.router._forward_hooks for m in moes)
+        with recorded_routing(moes) as routed, moe_disabled(model):
+            model(ids)
+    assert routed == [None] * len(moes)
 
 
 def test_router_gating_semantics():

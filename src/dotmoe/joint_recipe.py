@@ -357,8 +357,8 @@ class JointRecipe:
         raw = self.raw
         self.failures += 1
         event = {"step": step + 1, "event": "non_finite_loss", "terms": bad_terms(terms),
-                 "router_layers": [i for i, m in enumerate(raw.moes) if m.last_router is not None
-                                   and not torch.isfinite(m.last_router.logits).all()],
+                 "router_layers": [i for i, r in enumerate(raw.routing) if r is not None
+                                   and not torch.isfinite(r.logits).all()],
                  "consecutive_failures": self.failures}
         self.optimizer.zero_grad(set_to_none=True)
         if self.good is not None:

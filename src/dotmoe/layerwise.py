@@ -38,7 +38,7 @@ from dotmoe.guards import (COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, check_
                            prepare_output, resume_key, settings_key, stop_at_step_boundaries, stop_requested)
 from dotmoe.layer_runner import layer_call_inputs
 from dotmoe.losses import load_balancing_loss, router_z_loss
-from dotmoe.moe_mlp import MoeMLP
+from dotmoe.moe_mlp import MoeMLP, recorded_routing
 
 
 def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> None:
@@ -98,8 +98,9 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
         idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         matrices, _ = assigner.refresh()
         moe.assignment = matrices[0]
-        err = (moe(x[idx]) - y[idx]).pow(2).sum() / y[idx].pow(2).sum()
-        loss = err + cfg.z_weight * router_z_loss([moe.last_router]) + cfg.lb_weight * load_balancing_loss([moe.last_router])
+        with recorded_routing([moe]) as routed:
+            err = (moe(x[idx]) - y[idx]).pow(2).sum() / y[idx].pow(2).sum()
+        loss = err + cfg.z_weight * router_z_loss(routed) + cfg.lb_weight * load_balancing_loss(routed)
         if not torch.isfinite(loss):
             raise DotMoeError(f"non-finite layer-wise loss at step {step}")
         loss.backward()

@@ -31,7 +31,6 @@ class MoeMLP(nn.Module):
         self.shared, self.dropped = shared, dropped
         self.moe_enabled = True
         self.assignment: torch.Tensor | None = None  # [N, E(+1)]
-        self.last_router: RouterOutput | None = None
         # the dense model's own down projection, kept once the sparse one is refitted (dotmoe.refit) so the dense
         # teacher stays exact; not in the state dict (the export writes the refitted one)
         self.register_buffer("teacher_down", None, persistent=False)
@@ -59,9 +58,7 @@ class MoeMLP(nn.Module):
 
     def neuron_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Per-neuron gate [..., N] of the tokens x: G M^T (router gates + the fixed shared / dropped columns)."""
-        routed = self.router(x)
-        self.last_router = routed
-        gates = routed.gates
+        gates = self.router(x).gates
         fixed = [1.0] * self.shared + [0.0] * self.dropped  # shared expert always on; dropped neurons never
         if fixed:
             gates = torch.cat([gates, gates.new_tensor(fixed).expand(gates.shape[:-1] + (len(fixed),))], dim=-1)
@@ -79,6 +76,24 @@ def install_moe(model: nn.Module, num_experts: int, top_k: int, gating: str, sha
         setattr(parent, child, moe)
         moes.append(moe)
     return moes
+
+
+@contextmanager
+def recorded_routing(moes: list[MoeMLP]):
+    """The router outputs of the forward run inside the block, one per MoE layer in layer order (None for a layer
+    that did not route, e.g. under `moe_disabled`): a forward hook on each router, declared where it is read (as
+    transformers records router logits), instead of state the layers keep."""
+    outputs: list[RouterOutput | None] = [None] * len(moes)
+
+    def keep(layer: int):
+        return lambda module, args, out: outputs.__setitem__(layer, out)
+
+    handles = [m.router.register_forward_hook(keep(i)) for i, m in enumerate(moes)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def moe_layers(model: nn.Module) -> list[MoeMLP]:

@@ -18,9 +18,10 @@ from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
-from dotmoe.moe_mlp import MoeMLP, moe_disabled
+from dotmoe.moe_mlp import MoeMLP, moe_disabled, recorded_routing
 from dotmoe.precision import PrecisionChoice, choose_precision
 from dotmoe.prepare import Prepared, prepare
+from dotmoe.router import RouterOutput
 from dotmoe.training_memory import check_training_memory, use_gradient_checkpointing
 
 if TYPE_CHECKING:  # accelerate and the stage peaks load lazily, when a run starts
@@ -38,6 +39,7 @@ class MoeTrainingModule(nn.Module):
         self.model, self.assigner, self.cfg = model, assigner, cfg
         self.moes = moes
         self.teacher = teacher  # a frozen copy, only when the FFN weights themselves are trained
+        self.routing: list[RouterOutput | None] = []  # each layer's router output in the last forward (for reports)
         # accelerate's FSDP auto-wrap reads the decoder layer class from here: one FSDP unit per decoder layer
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
@@ -60,11 +62,12 @@ class MoeTrainingModule(nn.Module):
                 else:
                     with moe_disabled(self.model):
                         teacher_hidden = base(input_ids=input_ids).last_hidden_state
-        hidden = base(input_ids=input_ids).last_hidden_state
+        with recorded_routing(self.moes) as routed:
+            hidden = base(input_ids=input_ids).last_hidden_state
+        self.routing = routed
         kl, ce = distill_and_lm_loss(hidden, teacher_hidden, input_ids, head, cfg.kl_temperature, cfg.chunk_tokens,
                                      ce_grad=cfg.ce_weight > 0,
                                      teacher_head=None if self.teacher is None else self.teacher.get_output_embeddings())
-        routed = [m.last_router for m in self.moes]
         z, lb = router_z_loss(routed), load_balancing_loss(routed)
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce + cfg.z_weight * z + cfg.lb_weight * lb
         return {"loss": loss, "kl": kl.detach(), "ce": ce.detach(), "z": z.detach(), "lb": lb.detach(),
