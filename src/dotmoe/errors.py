@@ -23,9 +23,7 @@ class Interrupted(KeyboardInterrupt):
 
 def require_extra(module: str, what: str, extra: str) -> None:
     """`what` needs the optional package `module`: a one-line error saying how to install it when it is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
+    if not has_extra(module):
         raise DotMoeError(f"{what} needs the optional package {module!r}: pip install 'dotmoe[{extra}]'")
 
 

@@ -179,14 +179,15 @@ class JointRecipe:
         cfg, raw = self.cfg, self.raw
         start_down = refitted_down_projections(cfg.init_from, self.prep.mlp_names) if cfg.init_from and cfg.steps \
             else None
-        self.refitted = start_down is not None or bool(cfg.steps and cfg.refit_down and cfg.refit_before_training
-                                                       and not self.sharded)
+        refit_now = start_down is None and bool(cfg.steps and cfg.refit_down and cfg.refit_before_training
+                                                and not self.sharded)
+        self.refitted = start_down is not None or refit_now
         if start_down is not None:  # the --init-from conversion's refitted FFNs: training starts from exactly it
             with torch.no_grad():
                 for m, w in zip(raw.moes, start_down):
                     m.keep_teacher_down()
                     m.dense.down_proj.weight.copy_(w)
-        elif cfg.steps and cfg.refit_down and cfg.refit_before_training and not self.sharded:
+        elif refit_now:
             # also with trainable FFN weights (their training then starts from the refitted ones); not with sharded
             # parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume recomputes
             # the same weights before loading its checkpoint (which holds only the trainable tensors)
@@ -447,11 +448,13 @@ class JointRecipe:
         """The down-projection refit after training (or a resumed run's, read back); returns the partition (which
         `calibrate_on: converted` chooses during the refit)."""
         cfg, raw, resumed = self.cfg, self.raw, self.resumed
-        if refits_down(cfg) and self.sharded:  # FSDP2 shards: no whole weight to write the refit into (it ran
-            # unnoticed into a discarded unsharded copy when the refit wrote inside the layer's forward)
+        if not refits_down(cfg):
+            return partition
+        if self.sharded:  # FSDP2 shards: no whole weight to write the refit into (it ran unnoticed into a
+            # discarded unsharded copy when the refit wrote inside the layer's forward)
             print("dotmoe: warning: the down-projection refit (--refit-down) does not run under FSDP; skipped",
                   file=sys.stderr)
-        elif refits_down(cfg) and resumed is not None:  # the refit this run made before it was stopped
+        elif resumed is not None:  # the refit this run made before it was stopped
             if not torch.equal(partition, resumed["partition"]) or any(
                     w.shape != m.dense.down_proj.weight.shape for m, w in zip(raw.moes, resumed["down"])):
                 raise DotMoeError(f"--resume: {self.ckpt_path} is damaged (its partition or down projections do "
@@ -460,7 +463,7 @@ class JointRecipe:
                 for m, w in zip(raw.moes, resumed["down"]):
                     m.dense.down_proj.weight.copy_(w)
             self.refit_errors, self.refit_ridges = resumed["refit_errors"], resumed["refit_ridges"]
-        elif refits_down(cfg):
+        else:
             calibrate = calibrate_during_refit(cfg, raw, self.caps) if cfg.calibrate_on == "converted" else None
             self.refit_errors, self.refit_ridges = refit_moe_down(
                 raw.model, raw.moes, calibration_sequences(self.prep.seqs, cfg), self.progress, keep_teacher=False,
