@@ -85,7 +85,7 @@ def main() -> None:
         opt = torch.optim.AdamW(params, lr=1e-5)
 
         def moe_step():
-            terms = module(ids)
+            terms = module(ids, cfg.tau_start)
             terms["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -93,7 +93,7 @@ def main() -> None:
         rows.append((f"DOT-MoE step, trainable={trainable}", timed(moe_step, args.steps)))
         if trainable == "router+assignment":
             rows.append(("  of which: assignment (Sinkhorn 100 it. + greedy rounding, all layers, fwd only)",
-                         timed(lambda: assigner.refresh(), args.steps)))
+                         timed(lambda: assigner.refresh(cfg.tau_start), args.steps)))
         del model, module, opt
 
     lines = [f"`python benchmarks/convert_throughput.py --steps {args.steps} --batch {args.batch} --seq-len "

@@ -185,11 +185,11 @@ def test_non_finite_step_is_reverted_logged_and_skipped(tiny_llama_dir, tiny_tex
     original = MoeTrainingModule.forward
     calls = {"n": 0}
 
-    def poisoned(self, input_ids):
+    def poisoned(self, input_ids, tau):
         calls["n"] += 1
         if calls["n"] == 4:  # a router blows up mid-run
             self.moes[1].router.weight.data.fill_(float("nan"))
-        return original(self, input_ids)
+        return original(self, input_ids, tau)
 
     monkeypatch.setattr(MoeTrainingModule, "forward", poisoned)
     res = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "o"), progress=False)
@@ -205,8 +205,8 @@ def test_non_finite_step_is_reverted_logged_and_skipped(tiny_llama_dir, tiny_tex
 def test_repeated_non_finite_steps_stop_with_a_clear_error(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
     original = MoeTrainingModule.forward
 
-    def always_nan(self, input_ids):
-        terms = original(self, input_ids)
+    def always_nan(self, input_ids, tau):
+        terms = original(self, input_ids, tau)
         terms["loss"] = terms["loss"] * float("nan")
         return terms
 

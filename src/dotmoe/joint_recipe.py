@@ -127,8 +127,8 @@ class JointRecipe:
         if cfg.method == "dotmoe" and cfg.init_affinity == "random" and not cfg.init_from and self.resumed is None:
             affinity = 0.01 * torch.randn(partitions.shape + (len(self.caps),),
                                           generator=torch.Generator().manual_seed(cfg.seed))
-        self.assigner = NeuronAssigner(affinity, self.caps, learn=cfg.learns_assignment)
-        self.assigner.iters = cfg.sinkhorn_iters
+        self.assigner = NeuronAssigner(affinity, self.caps, learn=cfg.learns_assignment, iters=cfg.sinkhorn_iters)
+        self.tau = cfg.tau_at(0, cfg.steps)  # the assignment's temperature now: the schedule's at each step
 
     def _setup_optimizer(self) -> None:
         """Parameter groups (router, affinity, weights), AdamW, the cosine schedule, and accelerate's wrapping."""
@@ -192,8 +192,7 @@ class JointRecipe:
             # parameters (FSDP: skipped, as the final refit is). From the initial state, so a --resume recomputes
             # the same weights before loading its checkpoint (which holds only the trainable tensors)
             with torch.no_grad():
-                raw.assigner.tau = cfg.tau_at(0, cfg.steps)
-                raw.set_assignment()
+                raw.set_assignment(self.tau)
             self.refit_errors, self.refit_ridges = refit_moe_down(
                 raw.model.eval(), raw.moes, calibration_sequences(self.prep.seqs, cfg), self.progress,
                 stream=cfg.refit_stream)  # eval: no dropout,
@@ -232,8 +231,7 @@ class JointRecipe:
                                                   progress=self.progress)
         self.best = best_so_far(self.history, self.best_path if self.start_step else None)
         if cfg.eval_every and self.start_step == 0 and cfg.steps:
-            raw.assigner.tau = cfg.tau_at(0, cfg.steps)
-            start = {"step": 0, "tokens": 0, "tau": round(raw.assigner.tau, 5), "val_ppl": self.evaluate(0)}
+            start = {"step": 0, "tokens": 0, "tau": round(self.tau, 5), "val_ppl": self.evaluate(0)}
             self.history.append(start)
             if self.accelerator.is_main_process:
                 with self.log_path.open("a") as fh:
@@ -246,7 +244,7 @@ class JointRecipe:
         cfg, raw = self.cfg, self.raw
         with gathered(raw):
             with torch.no_grad():
-                raw.set_assignment()
+                raw.set_assignment(self.tau)
             ppl = round(perplexity(raw.model.eval(), self.prep.eval_ids[: cfg.val_tokens], cfg.seq_len,
                                    cfg.seq_len // 2), 4)
         raw.model.train()
@@ -254,7 +252,7 @@ class JointRecipe:
         if cfg.keep_best and (self.best is None or ppl < self.best[0]):
             self.best = (ppl, done)
             main = self.accelerator.is_main_process
-            state = {"params": full_trainable_state(raw, keep=main), "step": done, "tau": raw.assigner.tau,
+            state = {"params": full_trainable_state(raw, keep=main), "step": done, "tau": self.tau,
                      "val_ppl": ppl, "config": resume_key(cfg)}
             if main:
                 save_checkpoint(state, self.best_path)
@@ -320,16 +318,16 @@ class JointRecipe:
     def _train_step(self, step: int, bar) -> dict | None:
         """One optimizer step (its micro-batches); its log record, or None when its loss was not finite (reverted,
         logged and skipped)."""
-        cfg, raw, accelerator, optimizer = self.cfg, self.raw, self.accelerator, self.optimizer
+        cfg, accelerator, optimizer = self.cfg, self.accelerator, self.optimizer
         world, rank = accelerator.num_processes, accelerator.process_index
-        raw.assigner.tau = cfg.tau_at(step, cfg.steps)
+        self.tau = cfg.tau_at(step, cfg.steps)
         terms_sum: dict[str, float] = {}
         finite = True
         for micro in range(cfg.grad_accum):
             idx = self.order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
             batch = self.prep.seqs[idx[rank::world]].to(accelerator.device)  # this process's share of the batch
             with accelerator.accumulate(self.module):
-                terms = self.module(batch)
+                terms = self.module(batch, self.tau)
                 finite = bool(accelerator.gather(torch.isfinite(terms["loss"]).float().reshape(1)).min() > 0)
                 if not finite:  # decided jointly, so no process waits in a collective the others skip
                     break
@@ -346,7 +344,7 @@ class JointRecipe:
         self.failures = 0
         tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         self.tokens_done += tokens
-        record = {"step": step + 1, "tokens": (step + 1) * tokens, "tau": round(raw.assigner.tau, 5),
+        record = {"step": step + 1, "tokens": (step + 1) * tokens, "tau": round(self.tau, 5),
                   **{k: round(v, 6) for k, v in terms_sum.items()},
                   "tokens_per_s": round(self.tokens_done / (time.time() - self.t0), 1)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
@@ -410,7 +408,7 @@ class JointRecipe:
         if best[1] != self.cfg.steps:  # training went past its best validation point: back to it
             kept = load_checkpoint(self.best_path)
             load_full_state(self.raw, kept["params"])
-            self.raw.assigner.tau = float(kept["tau"])
+            self.tau = float(kept["tau"])
             if self.progress:
                 print(f"dotmoe: keeping the best validation state, step {best[1]} of {self.cfg.steps} (val PPL "
                       f"{best[0]:.3f}; last {self.evals[-1]:.3f})", flush=True)
@@ -421,7 +419,7 @@ class JointRecipe:
         and the trained/refitted weights saved; returns (partition, MoE PPL, routers)."""
         cfg, raw, prep, accelerator = self.cfg, self.raw, self.prep, self.accelerator
         with torch.no_grad():
-            partition = raw.set_assignment().hard
+            partition = raw.set_assignment(self.tau).hard
         if self.dense_ppl is None:  # the dense model: MoE off, original down projections (kept by a refit)
             with moe_disabled(raw.model):
                 self.dense_ppl = dense_perplexity(raw.model, prep.model_path, prep.eval_ids, cfg.seq_len,
@@ -469,7 +467,7 @@ class JointRecipe:
                 raw.model, raw.moes, calibration_sequences(self.prep.seqs, cfg), self.progress, keep_teacher=False,
                 stream=cfg.refit_stream, prepare=calibrate)  # no teacher needed after
             if calibrate is not None:
-                partition = raw.set_assignment().hard
+                partition = raw.set_assignment(self.tau).hard
             if not cfg.steps and self.accelerator.is_main_process:  # the slow part is done: a stop resumes here
                 save_refit_checkpoint(self.ckpt_path, cfg, partition, raw.moes, self.refit_errors, self.refit_ridges)
             self.peaks.mark("refit")

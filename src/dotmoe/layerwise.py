@@ -83,8 +83,7 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
         elif cfg.init_router != "random":
             moe.router.weight.copy_(lstsq_router(mlp, x, part, cfg.experts, cfg.router_fit_top_k))
     affinity = cfg.init_scale * torch.nn.functional.one_hot(part, len(caps)).float().unsqueeze(0)
-    assigner = NeuronAssigner(affinity, caps, learn=cfg.learns_assignment)
-    assigner.iters = cfg.sinkhorn_iters
+    assigner = NeuronAssigner(affinity, caps, learn=cfg.learns_assignment, iters=cfg.sinkhorn_iters)
     groups = [{"params": [moe.router.weight], "lr": cfg.lr_router}]
     if assigner.learn:
         groups.append({"params": [assigner.affinity], "lr": cfg.lr_affinity})
@@ -94,9 +93,8 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
     first = last = None
     for step in range(steps):
         _stop_here(f"while training a layer (the finished ones are in {LAYERWISE_CHECKPOINT})")
-        assigner.tau = cfg.tau_at(step, steps)
         idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
-        matrices, _ = assigner.refresh()
+        matrices, _ = assigner.refresh(cfg.tau_at(step, steps))
         moe.assignment = matrices[0]
         with recorded_routing([moe]) as routed:
             err = (moe(x[idx]) - y[idx]).pow(2).sum() / y[idx].pow(2).sum()
@@ -108,9 +106,8 @@ def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: t
         opt.zero_grad(set_to_none=True)
         last = float(err.detach())
         first = last if first is None else first
-    assigner.tau = cfg.tau_end
     with torch.no_grad():
-        matrices, stats = assigner.refresh()
+        matrices, stats = assigner.refresh(cfg.tau_end)
         moe.assignment = matrices[0]
         final = float((moe(x) - y).pow(2).sum() / y.pow(2).sum())
     return stats.hard[0], moe.router.weight.detach().clone(), {"first_batch_error": first, "last_batch_error": last,

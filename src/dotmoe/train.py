@@ -43,16 +43,16 @@ class MoeTrainingModule(nn.Module):
         # accelerate's FSDP auto-wrap reads the decoder layer class from here: one FSDP unit per decoder layer
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
-    def set_assignment(self) -> AssignmentStats:
-        """Solve this step's assignment and hand each MoE layer its matrix; return the stats."""
-        matrices, stats = self.assigner.refresh()
+    def set_assignment(self, tau: float) -> AssignmentStats:
+        """Solve this step's assignment at temperature `tau`, hand each MoE layer its matrix; return the stats."""
+        matrices, stats = self.assigner.refresh(tau)
         for layer, moe in enumerate(self.moes):
             moe.assignment = matrices[layer]
         return stats
 
-    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        marginal_error = self.set_assignment().marginal_error
+        marginal_error = self.set_assignment(tau).marginal_error
         base, head = self.model.get_decoder(), self.model.get_output_embeddings()
         teacher_hidden = None
         if cfg.kl_weight > 0:
