@@ -119,6 +119,61 @@ def test_signal_checkpoints_at_a_step_boundary_and_resume_ends_like_an_uninterru
     _same_joint_result(out, full)
 
 
+_original_forward = MoeTrainingModule.forward
+
+
+def _interrupt_at_call(monkeypatch, n: int) -> None:
+    """The n-th training forward sends this process SIGINT (as Ctrl-C would); the run stops after that step."""
+    calls = {"n": 0}
+
+    def forward(self, input_ids, tau):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return _original_forward(self, input_ids, tau)
+
+    monkeypatch.setattr(MoeTrainingModule, "forward", forward)
+
+
+def test_stop_during_the_last_step_resumes_to_the_uninterrupted_result(tiny_llama_dir, tiny_text, tmp_path,
+                                                                      monkeypatch):
+    """A stop request in the last step checkpoints after it; the resumed run's final phase then rounds the
+    assignment at the last step's temperature (tau_end), as the uninterrupted run does, not at tau_start."""
+    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, tmp_path / "full", tau_start=3.0, tau_end=0.03,
+                             lr_affinity=0.5, eval_every=0, shared_fraction=0.0,
+                             mixed_precision="'no'")[:-2]  # YAML: quoted, else False
+    assert main(argv + ["--out", str(tmp_path / "full")]) == 0
+    _interrupt_at_call(monkeypatch, 12)  # the last of 12 steps
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 130
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"] == 12
+    monkeypatch.setattr(MoeTrainingModule, "forward", _original_forward)
+    assert main(argv + ["--out", str(tmp_path / "o"), "--resume"]) == 0
+    resumed, full = load_conversion(tmp_path / "o"), load_conversion(tmp_path / "full")
+    assert torch.equal(resumed.partition, full.partition)
+    assert resumed.meta["val_ppl"] == full.meta["val_ppl"]
+
+
+def test_resume_takes_the_checkpoints_auto_mixed_precision(tiny_llama_dir, tiny_text, tmp_path, monkeypatch, capsys):
+    """`--mixed-precision auto` is decided by a timed probe; when it decides otherwise on resume (busy cores), the
+    resume continues in the checkpoint's type instead of refusing the settings as changed."""
+    import dotmoe.convert as convert_module
+
+    real = convert_module.resolve_mixed_precision
+    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, tmp_path / "o", eval_every=0)[:-2]
+    monkeypatch.setattr(convert_module, "resolve_mixed_precision", lambda *a: ("no", "probe: fp32 faster"))
+    assert main(argv + ["--out", str(tmp_path / "full")]) == 0
+    _interrupt_at_call(monkeypatch, 6)
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 130
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["config"]["mixed_precision"] == "no"
+    monkeypatch.setattr(MoeTrainingModule, "forward", _original_forward)
+    monkeypatch.setattr(convert_module, "resolve_mixed_precision", lambda *a: ("bf16", "probe: bf16 faster"))
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "o"), "--resume"]) == 0
+    assert "mixed precision no, as the checkpoint was trained" in capsys.readouterr().out
+    assert load_conversion(tmp_path / "o").meta["val_ppl"] == load_conversion(tmp_path / "full").meta["val_ppl"]
+    assert real("auto", torch.device("cpu"), False)[0] == "no"  # no weights train: no autocast, whatever the probe
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_layerwise_conversion_resumes_to_the_same_result(signum, layerwise_run, tmp_path):
     from dotmoe.guards import LAYERWISE_CHECKPOINT

@@ -267,6 +267,15 @@ def _peek_settings(path: Path):
     return state.get("config") if isinstance(state, dict) else None
 
 
+def resumed_setting(out: str | Path, name: str):
+    """The value of setting `name` that the training checkpoint in `out` was written with (None: no such checkpoint
+    or setting). A --resume takes an `auto` choice from it, so a probe that measures differently on resume (busy
+    cores) neither refuses the resume nor changes the run."""
+    path = Path(out) / CHECKPOINT
+    settings = _peek_settings(path) if path.is_file() else None
+    return settings.get(name) if isinstance(settings, dict) else None
+
+
 def _check_resume_target(out: Path, cfg) -> None:
     """Before the model loads: the checkpoint this run would continue exists and was written with its settings
     (the run checks again when it reads it)."""

@@ -213,6 +213,7 @@ class JointRecipe:
                 raise DotMoeError(f"--resume: {self.ckpt_path} does not fit this model ({type(exc).__name__}); "
                                   "rerun with --overwrite instead of --resume to start over") from exc
             self.start_step = state["step"]
+            self.tau = cfg.tau_at(max(self.start_step - 1, 0), cfg.steps)  # the last trained step's temperature
             self.history = kept_records(log_path, self.start_step)  # the steps before the checkpoint, for the summary
             self.evals = [r["val_ppl"] for r in self.history if "val_ppl" in r]
             if self.accelerator.is_main_process and log_path.exists():  # drop the records of steps that are redone
