@@ -30,11 +30,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16"))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the training step (ConvertConfig.compile)")
     parser.add_argument("--env", nargs="*", default=[], help="NAME=VALUE added to the run's environment")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg, table = Path(tmp, "cfg.yaml"), Path(tmp, "profile.md")
-        cfg.write_text(f"mixed_precision: {args.mixed_precision}\ngradient_checkpointing: false\n")
+        cfg.write_text(f"mixed_precision: {args.mixed_precision}\ngradient_checkpointing: false\ncompile: {str(args.compile).lower()}\n")
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DOTMOE_PROFILE": str(table),
                "DOTMOE_PROFILE_STEPS": str(args.steps), **dict(kv.split("=", 1) for kv in args.env)}
         cmd = [sys.executable, "-m", "dotmoe.cli", "convert", "--model", args.model, "--experts", "8", "--top-k", "2",

@@ -72,3 +72,37 @@ def test_gradient_checkpointing_changes_no_number(tiny_llama_dir, tiny_text, tmp
 
     a, b = (load_file(tmp_path / str(on) / "trained_weights.safetensors") for on in (False, True))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_auto_only_for_long_runs_of_large_models():
+    from dotmoe.compiled import COMPILE_MIN_PARAMS, COMPILE_MIN_STEPS, compile_by_default
+
+    cpu = torch.device("cpu")
+    assert compile_by_default(COMPILE_MIN_STEPS, COMPILE_MIN_PARAMS, 1, cpu)  # this machine has g++
+    assert not compile_by_default(COMPILE_MIN_STEPS - 1, COMPILE_MIN_PARAMS, 1, cpu)
+    assert not compile_by_default(COMPILE_MIN_STEPS, COMPILE_MIN_PARAMS - 1, 1, cpu)  # the bundled 10M model
+    assert not compile_by_default(COMPILE_MIN_STEPS, COMPILE_MIN_PARAMS, 2, cpu)  # FSDP / DDP: eager
+
+
+def test_compiled_training_follows_the_eager_run(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
+    """compile: true runs the same training (same data, steps and terms): in fp32 its losses match eager's to float
+    rounding, its layers really are compiled, and the record says so."""
+    import dotmoe.joint_recipe as recipe
+
+    calls, original = [], recipe.compile_decoder_layers
+    monkeypatch.setattr(recipe, "compile_decoder_layers", lambda *models: calls.append(len(models)) or original(*models))
+    runs = {}
+    for on in (False, True):
+        cfg = ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
+                            out=str(tmp_path / str(on)), experts=4, top_k=2, tokens=3 * 4 * 32, seq_len=32,
+                            batch_size=4, eval_tokens=256, calib_tokens=256, seed=3, compile=on,
+                            mixed_precision="no", export_format="none")
+        runs[on] = convert(cfg, progress=False)
+    logs = [[json.loads(x) for x in (tmp_path / str(on) / "train_log.jsonl").read_text().splitlines()]
+            for on in (False, True)]
+    eager, fused = ([r["kl"] for r in log if "loss" in r] for log in logs)
+    assert len(eager) == 3 and eager != [0.0] * 3
+    assert fused == pytest.approx(eager, rel=1e-3, abs=1e-6)
+    assert runs[True].summary["val_ppl"] == pytest.approx(runs[False].summary["val_ppl"], rel=1e-4)
+    assert calls == [2]  # student and teacher (trainable full)
+    assert runs[True].summary["config"]["compile"] is True and runs[False].summary["config"]["compile"] is False

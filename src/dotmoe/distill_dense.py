@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dotmoe.compiled import compile_decoder_layers
 from dotmoe.config import ConvertConfig
 from dotmoe.data import batch_order
 from dotmoe.errors import DotMoeError
@@ -48,6 +49,8 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
     student.requires_grad_(True)
     if cfg.gradient_checkpointing and getattr(student, "supports_gradient_checkpointing", False):
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile and cfg.steps:
+        compile_decoder_layers(student, teacher)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr_weights, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from dotmoe.assignment import NeuronAssigner
 from dotmoe.checkpoints import load_checkpoint, save_checkpoint
+from dotmoe.compiled import compile_decoder_layers
 from dotmoe.config import ConvertConfig
 from dotmoe.conversion_result import ConvertResult, export_and_record
 from dotmoe.data import batch_order
@@ -150,6 +151,8 @@ class JointRecipe:
             # keep only each decoder layer's input for the backward: on SmolLM2-135M (30 layers) the activations of
             # a batch of 8 x 256 tokens otherwise dominate the conversion's memory
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.compile and cfg.steps:
+            compile_decoder_layers(model, *([self.teacher] if self.teacher is not None else []))
         module = MoeTrainingModule(model, self.assigner, moes, cfg, self.teacher)
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)

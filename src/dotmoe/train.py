@@ -19,6 +19,7 @@ from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, moe_disabled, recorded_routing
+from dotmoe.compiled import compile_by_default
 from dotmoe.precision import PrecisionChoice, choose_precision
 from dotmoe.prepare import Prepared, prepare
 from dotmoe.router import RouterOutput
@@ -164,5 +165,11 @@ def start_joint(cfg: ConvertConfig, progress: bool = True) -> JointStart:
     check_training_memory(cfg, prep.model)
     if cfg.gradient_checkpointing is None:
         cfg = cfg.derive(gradient_checkpointing=use_gradient_checkpointing(cfg, prep.model))
+    if cfg.compile is None:
+        cfg = cfg.derive(compile=compile_by_default(cfg.steps, sum(p.numel() for p in prep.model.parameters()),
+                                                    accelerator.num_processes, accelerator.device))
+    if cfg.compile and cfg.steps and progress:
+        print("dotmoe: compiling the training step (torch.compile; the first steps take about a minute longer; "
+              "compile: false in a --config turns it off)", flush=True)
     peaks.mark("load")
     return JointStart(accelerator, peaks, precision, prep, cfg)
