@@ -91,6 +91,9 @@ def test_compiled_training_follows_the_eager_run(tiny_llama_dir, tiny_text, tmp_
 
     calls, original = [], recipe.compile_decoder_layers
     monkeypatch.setattr(recipe, "compile_decoder_layers", lambda *models: calls.append(len(models)) or original(*models))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     runs = {}
     for on in (False, True):
         cfg = ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
@@ -105,4 +108,5 @@ def test_compiled_training_follows_the_eager_run(tiny_llama_dir, tiny_text, tmp_
     assert fused == pytest.approx(eager, rel=1e-3, abs=1e-6)
     assert runs[True].summary["val_ppl"] == pytest.approx(runs[False].summary["val_ppl"], rel=1e-4)
     assert calls == [2]  # student and teacher (trainable full)
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]  # compiled, not an eager fallback
     assert runs[True].summary["config"]["compile"] is True and runs[False].summary["config"]["compile"] is False

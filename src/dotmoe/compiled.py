@@ -34,9 +34,11 @@ def compile_decoder_layers(*models: nn.Module) -> None:
 
     The layers of a model share one compiled graph per kind (parameters are graph inputs); dynamo's default cache
     of 8 entries per code object would stop compiling after 8 layers (train and eval, student and teacher, Gemma's
-    two attention kinds), so the limits are raised for this process."""
+    two attention kinds), so the limits are raised for this process; a layer inductor cannot compile (an unusual
+    architecture, a broken C++ toolchain) falls back to eager instead of failing the run."""
     import torch._dynamo
 
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly (a warning), not fails
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
     for model in models:
