@@ -248,3 +248,28 @@ def test_sharded_export_writes_an_index_and_reloads(tmp_path):
         expected = reference(input_ids=ids).logits
     _, got = logits_of_export(tmp_path / "moe", ids)
     assert (expected - got).abs().max().item() < 1e-4
+
+
+def test_a_tied_head_is_written_out_for_qwen2_moe_only(tmp_path):
+    """llama.cpp's qwen2moe loader requires output.weight (its llama and qwen3moe loaders fall back to the token
+    embedding): a tied dense model's Qwen2-MoE export holds lm_head.weight, a copy of the embedding, and says
+    tie_word_embeddings false, and still reloads to the training-time sparse model's logits; the Mixtral export
+    stays tied."""
+    from safetensors import safe_open
+
+    dense = save_tiny("llama", tmp_path / "dense")
+    for fmt, shared in (("qwen2_moe", 8), ("mixtral", 0)):
+        conv = fake_conversion(dense, tmp_path / f"conv-{fmt}", experts=4, top_k=2, shared=shared)
+        out = tmp_path / fmt
+        result = export(conv, out, fmt=fmt, check_tokens=32, progress=False)
+        tensors = {}
+        for shard in out.glob("*.safetensors"):
+            with safe_open(shard, "pt") as fh:
+                tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+        cfg = json.loads((out / "config.json").read_text())
+        if fmt == "qwen2_moe":
+            assert cfg["tie_word_embeddings"] is False and result.params["tied_embeddings"] == 0
+            assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+        else:
+            assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in tensors
+        assert result.parity["max_abs_logit_diff"] < 1e-4 and result.parity["top1_agreement"] == 1.0

@@ -7,6 +7,11 @@ kept per machine fingerprint in `golden_hashes.json`; on a machine without recor
 how to record them:
 
     python tests/test_golden.py --write      # before a refactoring step: record this machine's hashes
+
+A deliberate change of an output (a behaviour fix, in its own commit) re-records the hashes of the machine it is made
+on and drops the changed files' hashes from the other machines' records, which then check the rest until they are
+re-recorded there (2026-12-06: the Qwen2-MoE export writes a tied LM head out, `model/config.json` and
+`model/model.safetensors` dropped from the Xeon records).
 """
 
 from __future__ import annotations
@@ -99,8 +104,8 @@ def test_outputs_are_bit_for_bit_the_recorded_ones(name, golden_root):
     root, expected = golden_root
     assert name in expected, f"{name} has no recorded hashes: `python tests/test_golden.py --write`"
     got = case_hashes(root, name)
-    assert got.keys() == expected[name].keys()
-    changed = [k for k in got if got[k] != expected[name][k]]
+    assert expected[name].keys() <= got.keys(), f"{name}: {', '.join(expected[name].keys() - got.keys())} not written"
+    changed = [k for k in expected[name] if got[k] != expected[name][k]]
     assert not changed, f"{name}: {', '.join(changed)} changed"
 
 

@@ -237,6 +237,7 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
     expert_size = -(-max(routed_caps) // pad_to) * pad_to
     mlp_prefixes = record.mlp_modules
     tied = bool(dense.get("tie_word_embeddings", False))
+    untie = tied and plan.target.unties_lm_head  # the head written as a copy of the embedding (see ExportTarget)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_directory(out) as tmp:  # written whole, then renamed onto `out`
@@ -253,10 +254,14 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
             if tied and name.startswith("lm_head."):
                 continue
             writer.add(name, src.get(name))
+            if untie and name.endswith("embed_tokens.weight"):
+                writer.add("lm_head.weight", src.get(name).clone())  # its own storage (safetensors)
         numels = writer.finish()
-        params = _count_params(numels, record, tied)
+        params = _count_params(numels, record, tied and not untie)
         cfg = moe_config(dense, plan, experts=record.experts, top_k=record.top_k, expert_size=expert_size,
                          shared=record.shared, gating=record.gating, dtype=out_dtype_name)
+        if untie:
+            cfg["tie_word_embeddings"] = False
         cfg["dotmoe"] = {**params, "method": record.method, "gating": record.gating, "exact": plan.exact,
                          "base_model": record.base_model,
                          "capacities": record.capacities}

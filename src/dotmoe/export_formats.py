@@ -63,6 +63,10 @@ class ExportTarget:
     add_config_keys: Callable[..., None]  # (cfg, dense, experts, top_k, expert_size, shared): the MoE keys
     block: str | None = None  # the MoE block's module name beside the MLP's (None: the MLP module itself)
     expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # a tied LM head is written as its own tensor (tie_word_embeddings false): llama.cpp's qwen2moe loader requires
+    # output.weight (vendor/llama.cpp/src/models/qwen2moe.cpp in llama-cpp-python 0.3.36), unlike its llama,
+    # qwen2 and qwen3moe loaders, which fall back to the token embedding
+    unties_lm_head: bool = False
 
     def _root(self, prefix: str) -> str:
         return prefix if self.block is None else f"{prefix.rsplit('.', 1)[0]}.{self.block}"
@@ -80,7 +84,7 @@ TARGETS = {t.name: t for t in (
     ExportTarget("mixtral", "MixtralForCausalLM", "Mixtral", False, _mixtral_keys, block="block_sparse_moe",
                  expert_weights=("w1", "w3", "w2")),
     ExportTarget("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3Moe", False, _qwen3_moe_keys),
-    ExportTarget("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2Moe", True, _qwen2_moe_keys),
+    ExportTarget("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2Moe", True, _qwen2_moe_keys, unties_lm_head=True),
     ExportTarget("gemma3_moe", None, None, True, _gemma3_moe_keys),
 )}
 FORMATS = ("auto", *(name for name, t in TARGETS.items() if t.stock_class), "dotmoe")
