@@ -28,9 +28,11 @@ from dotmoe.run_dir import (BEST_STATE, CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOI
                             file_sha256, refuse_foreign, set_aside)
 
 # settings that change where or how a run is written or computed, never its result: a resume may change them
-# (gradient checkpointing recomputes the same forward: bit-identical, tests/test_training_memory.py)
+# (gradient checkpointing recomputes the same forward: bit-identical, tests/test_training_memory.py; compile runs
+# the same step with fused kernels: the float rounding of the steps after the resume may differ, nothing else;
+# auto resolves it only once the model is loaded, after the resume check)
 RUN_ONLY_SETTINGS = ("out", "resume", "overwrite", "checkpoint_every", "export_format", "log_every",
-                     "gradient_checkpointing")
+                     "gradient_checkpointing", "compile")
 
 
 # ---------------------------------------------------------------------------------------------- weight files
