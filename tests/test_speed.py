@@ -124,3 +124,29 @@ def test_auto_experts_kernel_matches_stock_and_picks_by_step_size(tmp_path, monk
         fe.auto_experts_forward(Experts(), torch.zeros(tokens, 4), torch.zeros(tokens, k, dtype=torch.long),
                                 torch.zeros(tokens, k))
     assert calls == ["gather", "all", "all", "all"]
+
+
+def test_an_untied_head_does_not_count_the_embedding_table_as_read(tmp_path):
+    """A decode step reads one row of the token-embedding table: with a separate LM head (the Qwen2-MoE export of a
+    tied model writes it out) the table is not counted, so the export's bound equals that of its tied twin."""
+    from safetensors import safe_open
+
+    from dotmoe.speed import byte_counts
+
+    dense = save_tiny("llama", tmp_path / "dense")
+    export(fake_conversion(dense, tmp_path / "conv", experts=4, top_k=1, shared=8), tmp_path / "moe",
+           check_tokens=0, progress=False)
+    sizes = {}
+    for f in (tmp_path / "moe").glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            sizes.update({k: fh.get_tensor(k).numel() * 4 for k in fh.keys()})
+    assert "lm_head.weight" in sizes
+    read, experts = byte_counts(tmp_path / "moe")
+    assert read == sum(sizes.values()) - sizes["model.embed_tokens.weight"]
+    assert experts == sum(v for k, v in sizes.items() if ".experts." in k)
+    dense_sizes = {}
+    for f in dense.glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            dense_sizes.update({k: fh.get_tensor(k).numel() * 4 for k in fh.keys()})
+    assert "lm_head.weight" not in dense_sizes  # tied: the table is the head, read whole
+    assert byte_counts(dense)[0] == sum(dense_sizes.values())

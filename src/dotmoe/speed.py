@@ -87,15 +87,16 @@ def weight_bytes(model_dir: str | Path, element_bytes: int | None = None) -> tup
 
 
 def byte_counts(model_dir: str | Path, element_bytes: int | None = None) -> tuple[int, int]:
-    """(bytes of all weights, bytes of the routed experts' weights: tensors named `.experts.`), as stored, or with
-    `element_bytes` per element (the dtype the model is loaded in: a float32 dense checkpoint timed in bf16 reads
-    2 bytes per weight, not 4)."""
+    """(bytes of the weights a decode step reads, bytes of the routed experts' weights: tensors named `.experts.`),
+    as stored, or with `element_bytes` per element (the dtype the model is loaded in: a float32 dense checkpoint
+    timed in bf16 reads 2 bytes per weight, not 4). Every weight counts but the token-embedding table when the LM
+    head is a tensor of its own (`lm_head.*`): a lookup reads one row of the table; tied, the table is the head and
+    is read whole (a Qwen2-MoE export writes a tied head out, `ExportTarget.unties_lm_head`)."""
     from safetensors import safe_open
 
     from dotmoe.guards import model_weight_files
 
-    total = 0
-    expert = 0
+    sizes: dict[str, int] = {}
     for f in model_weight_files(model_dir):
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
@@ -103,11 +104,10 @@ def byte_counts(model_dir: str | Path, element_bytes: int | None = None) -> tupl
                 n = 1
                 for s in sl.get_shape():
                     n *= s
-                size = n * (element_bytes or _dtype_size(sl.get_dtype()))
-                total += size
-                if ".experts." in k:
-                    expert += size
-    return total, expert
+                sizes[k] = n * (element_bytes or _dtype_size(sl.get_dtype()))
+    separate_head = any(k.startswith("lm_head.") for k in sizes)
+    lookup = sum(v for k, v in sizes.items() if k.endswith("embed_tokens.weight")) if separate_head else 0
+    return sum(sizes.values()) - lookup, sum(v for k, v in sizes.items() if ".experts." in k)
 
 
 def _dtype_size(name: str) -> int:
