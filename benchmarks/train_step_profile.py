@@ -36,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg, table = Path(tmp, "cfg.yaml"), Path(tmp, "profile.md")
-        cfg.write_text(f"mixed_precision: {args.mixed_precision}\ngradient_checkpointing: false\ncompile: {str(args.compile).lower()}\n")
+        cfg.write_text(f"mixed_precision: {args.mixed_precision}\ngradient_checkpointing: false\n"
+                       f"compile: {str(args.compile).lower()}\n")
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DOTMOE_PROFILE": str(table),
                "DOTMOE_PROFILE_STEPS": str(args.steps), **dict(kv.split("=", 1) for kv in args.env)}
         cmd = [sys.executable, "-m", "dotmoe.cli", "convert", "--model", args.model, "--experts", "8", "--top-k", "2",

@@ -52,18 +52,23 @@ def test_gradient_checkpointing_auto_only_when_memory_is_short(tiny_llama_dir):
     assert not use_gradient_checkpointing(ConvertConfig(tokens=0), model, available=0)  # nothing trains
 
 
+def _runs_off_and_on(model, data, tmp_path, setting: str, steps: int):
+    """Two short fp32 trainings of the tiny model, `setting` False then True (outputs tmp_path/False, /True): their
+    results and train logs."""
+    runs, logs = {}, []
+    for on in (False, True):
+        cfg = ConvertConfig(model=str(model), data=[str(data)], eval_data=[str(data)], out=str(tmp_path / str(on)),
+                            experts=4, top_k=2, tokens=steps * 4 * 32, seq_len=32, batch_size=4, eval_tokens=256,
+                            calib_tokens=256, seed=3, mixed_precision="no", export_format="none", **{setting: on})
+        runs[on] = convert(cfg, progress=False)
+        logs.append([json.loads(x) for x in (tmp_path / str(on) / "train_log.jsonl").read_text().splitlines()])
+    return runs, logs
+
+
 def test_gradient_checkpointing_changes_no_number(tiny_llama_dir, tiny_text, tmp_path):
     """Why a resume may change gradient_checkpointing (guards.RUN_ONLY_SETTINGS): the recomputed forward gives the
     same losses, perplexities and trained weights bit for bit."""
-    runs = {}
-    for on in (False, True):
-        cfg = ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
-                            out=str(tmp_path / str(on)), experts=4, top_k=2, tokens=4 * 4 * 32, seq_len=32,
-                            batch_size=4, eval_tokens=256, calib_tokens=256, seed=3, gradient_checkpointing=on,
-                            mixed_precision="no", export_format="none")
-        runs[on] = convert(cfg, progress=False)
-    logs = [[json.loads(x) for x in (tmp_path / str(on) / "train_log.jsonl").read_text().splitlines()]
-            for on in (False, True)]
+    runs, logs = _runs_off_and_on(tiny_llama_dir, tiny_text, tmp_path, "gradient_checkpointing", 4)
     losses = [[r["loss"] for r in log if "loss" in r] for log in logs]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     assert runs[False].summary["val_ppl"] == runs[True].summary["val_ppl"]
@@ -99,15 +104,7 @@ def test_compiled_training_follows_the_eager_run(tiny_llama_dir, tiny_text, tmp_
     from torch._dynamo.utils import counters
 
     counters.clear()
-    runs = {}
-    for on in (False, True):
-        cfg = ConvertConfig(model=str(tiny_llama_dir), data=[str(tiny_text)], eval_data=[str(tiny_text)],
-                            out=str(tmp_path / str(on)), experts=4, top_k=2, tokens=3 * 4 * 32, seq_len=32,
-                            batch_size=4, eval_tokens=256, calib_tokens=256, seed=3, compile=on,
-                            mixed_precision="no", export_format="none")
-        runs[on] = convert(cfg, progress=False)
-    logs = [[json.loads(x) for x in (tmp_path / str(on) / "train_log.jsonl").read_text().splitlines()]
-            for on in (False, True)]
+    runs, logs = _runs_off_and_on(tiny_llama_dir, tiny_text, tmp_path, "compile", 3)
     eager, fused = ([r["kl"] for r in log if "loss" in r] for log in logs)
     assert len(eager) == 3 and eager != [0.0] * 3
     assert fused == pytest.approx(eager, rel=1e-3, abs=1e-6)

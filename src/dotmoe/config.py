@@ -121,8 +121,8 @@ class ConvertConfig:
     # recompute each decoder layer in the backward (activation memory / L, one more student forward). None (auto):
     # only when training without it might not fit in memory (dotmoe.training_memory)
     gradient_checkpointing: bool | None = None
-    # torch.compile the decoder layers and the loss's softmax terms for training (dotmoe.compiled; same method,
-    # float rounding of fused kernels). None (auto): on one process, runs of >= 64 steps of models >= 50M parameters
+    # torch.compile the decoder layers for training (dotmoe.compiled; same method, float rounding of fused
+    # kernels). None (auto): on one process, runs of >= 64 steps of models >= 50M parameters
     compile: bool | None = None
     eval_data: list[str] = field(default_factory=list)
     eval_tokens: int = 32_768

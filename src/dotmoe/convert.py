@@ -25,13 +25,15 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
 
     return_large_blocks_to_the_system()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accelerate's device (_accelerator)
-    mixed, why = resolve_mixed_precision(cfg.mixed_precision, device, cfg.steps > 0 and cfg.trains_weights)
-    if cfg.resume and cfg.mixed_precision == "auto":
+    recorded = None
+    if cfg.resume and cfg.mixed_precision == "auto":  # the checkpoint's choice, not a new probe's
         from dotmoe.guards import resumed_setting
 
         recorded = resumed_setting(cfg.out, "mixed_precision")
-        if recorded in MIXED_PRECISIONS and recorded not in ("auto", mixed):
-            mixed, why = recorded, f"mixed precision {recorded}, as the checkpoint was trained (auto, --resume)"
+    if recorded in MIXED_PRECISIONS and recorded != "auto":
+        mixed, why = recorded, f"mixed precision {recorded}, as the checkpoint was trained (auto, --resume)"
+    else:
+        mixed, why = resolve_mixed_precision(cfg.mixed_precision, device, cfg.steps > 0 and cfg.trains_weights)
     if mixed != cfg.mixed_precision:  # auto resolved: the run, its checkpoint and its record hold the type used
         cfg = cfg.derive(mixed_precision=mixed)
         if progress:

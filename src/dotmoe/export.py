@@ -253,9 +253,10 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
                 continue
             if tied and name.startswith("lm_head."):
                 continue
-            writer.add(name, src.get(name))
+            tensor = src.get(name)
+            writer.add(name, tensor)
             if untie and name.endswith("embed_tokens.weight"):
-                writer.add("lm_head.weight", src.get(name).clone())  # its own storage (safetensors)
+                writer.add("lm_head.weight", tensor.clone())  # its own storage (safetensors)
         numels = writer.finish()
         params = _count_params(numels, record, tied and not untie)
         cfg = moe_config(dense, plan, experts=record.experts, top_k=record.top_k, expert_size=expert_size,

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from dotmoe.assignment import AssignmentStats, NeuronAssigner
+from dotmoe.compiled import compile_by_default
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
 from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, moe_disabled, recorded_routing
-from dotmoe.compiled import compile_by_default
 from dotmoe.precision import PrecisionChoice, choose_precision
 from dotmoe.prepare import Prepared, prepare
 from dotmoe.router import RouterOutput
