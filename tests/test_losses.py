@@ -1,9 +1,13 @@
 """Loss terms against direct, unchunked formulas."""
 
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from dotmoe.losses import distill_and_lm_loss, expert_load_cv, load_balancing_loss, router_z_loss
+from dotmoe.losses import (distill_and_lm_loss, expert_load_cv, hidden_state_loss, load_balancing_loss,
+                           router_z_loss)
 from dotmoe.router import TopKRouter
 
 
@@ -75,3 +79,32 @@ def test_fused_head_loss_gradients_match_autograd():
     ref = F.cross_entropy(head(hs[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(g_h, torch.autograd.grad(ref, hs)[0], rtol=1e-4, atol=1e-6)
 
+
+
+def test_hidden_state_loss_is_the_mean_relative_error_of_the_layers():
+    torch.manual_seed(0)
+    student = tuple(torch.randn(2, 5, 8) for _ in range(4))
+    teacher = tuple(s + 0.1 * (i + 1) * torch.randn(2, 5, 8) for i, s in enumerate(student))
+    want = sum(float(((s - t) ** 2).sum() / (t**2).sum()) for s, t in zip(student[1:], teacher[1:])) / 3
+    assert abs(float(hidden_state_loss(student, teacher)) - want) < 1e-6
+    assert float(hidden_state_loss(teacher, teacher)) == 0.0
+    with pytest.raises(ValueError):
+        hidden_state_loss(student, teacher[:3])
+
+
+@pytest.mark.parametrize("method", ["dotmoe", "prune"])
+def test_hidden_weight_enters_the_logged_loss(method, tiny_llama_dir, tiny_text, tmp_path):
+    """A run with hidden_weight logs the layer term, and its loss is the weighted sum with it (joint and prune)."""
+    from conftest import tiny_convert_argv
+    from dotmoe.cli import main
+
+    out = tmp_path / "out"
+    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, out, method=method, tokens=3 * 4 * 32,
+                             trainable="full", hidden_weight=0.5, eval_every=0)
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if '"kl"' in x]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["hidden"] > 1e-4
+        extra = 1e-3 * r["z"] + 1e-2 * r["lb"] if method == "dotmoe" else 0.0
+        assert abs(r["loss"] - (r["kl"] + 0.5 * r["hidden"] + extra)) < 1e-5

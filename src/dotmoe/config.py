@@ -106,6 +106,9 @@ class ConvertConfig:
     refit_stream: float = 0.0
     kl_weight: float = 1.0
     ce_weight: float = 0.0
+    # intermediate-layer distillation: each decoder layer's output matched to the dense teacher's (relative squared
+    # error, mean over layers; TinyBERT / MiniLM-style hidden-state distillation); 0 = the final KL only
+    hidden_weight: float = 0.0
     z_weight: float = 1e-3
     lb_weight: float = 1e-2
     kl_temperature: float = 1.0
@@ -216,7 +219,7 @@ class ConvertConfig:
                 raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if min(self.tau_start, self.tau_end, self.kl_temperature) <= 0:
             raise DotMoeError("tau_start, tau_end and kl_temperature must be > 0")
-        if min(self.kl_weight, self.ce_weight, self.z_weight, self.lb_weight) < 0 or \
+        if min(self.kl_weight, self.ce_weight, self.hidden_weight, self.z_weight, self.lb_weight) < 0 or \
                 self.kl_weight + self.ce_weight == 0:
             raise DotMoeError("loss weights must be >= 0 with kl_weight + ce_weight > 0")
         self._check_ranges()

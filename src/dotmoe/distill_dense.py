@@ -24,7 +24,7 @@ from dotmoe.compiled import compile_decoder_layers
 from dotmoe.config import ConvertConfig
 from dotmoe.data import batch_order
 from dotmoe.errors import DotMoeError
-from dotmoe.losses import distill_and_lm_loss
+from dotmoe.losses import distill_and_lm_loss, hidden_state_loss
 from dotmoe.perplexity import perplexity
 from dotmoe.precision import autocast
 
@@ -81,24 +81,30 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
         t0, per_step = time.time(), cfg.batch_size * cfg.grad_accum * cfg.seq_len
         bar = tqdm(range(cfg.steps), desc="convert (prune + distillation)", unit="step", disable=not progress)
         for step in bar:
-            terms = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+            terms = {"loss": 0.0, "kl": 0.0, "ce": 0.0, **({"hidden": 0.0} if cfg.hidden_weight > 0 else {})}
             for micro in range(cfg.grad_accum):
                 idx = order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
                 batch = seqs[idx]
                 with autocast(cfg.mixed_precision, batch.device):  # as accelerate does in the joint run
+                    layers_too = cfg.hidden_weight > 0  # every layer's output, not only the last
                     with torch.no_grad():
-                        target = teacher.get_decoder()(input_ids=batch).last_hidden_state if cfg.kl_weight > 0 \
-                            else None
-                    hidden = student.get_decoder()(input_ids=batch).last_hidden_state
-                    kl, ce = distill_and_lm_loss(hidden, target, batch, student.get_output_embeddings(),
-                                                 cfg.kl_temperature, cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0,
+                        target = teacher.get_decoder()(input_ids=batch, output_hidden_states=layers_too) \
+                            if cfg.kl_weight > 0 or layers_too else None
+                    out = student.get_decoder()(input_ids=batch, output_hidden_states=layers_too)
+                    kl, ce = distill_and_lm_loss(out.last_hidden_state,
+                                                 target.last_hidden_state if cfg.kl_weight > 0 else None, batch,
+                                                 student.get_output_embeddings(), cfg.kl_temperature,
+                                                 cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0,
                                                  teacher_head=teacher.get_output_embeddings())
+                    hid = hidden_state_loss(out.hidden_states, target.hidden_states) if layers_too else None
                 loss = cfg.kl_weight * kl + cfg.ce_weight * ce
+                if layers_too:
+                    loss = loss + cfg.hidden_weight * hid
                 if not torch.isfinite(loss):
                     raise DotMoeError(f"non-finite loss at step {step + 1} of the pruned model's distillation; "
                                       "lower --lr-weights or check the data")
                 (loss / cfg.grad_accum).backward()
-                for name, value in (("loss", loss), ("kl", kl), ("ce", ce)):
+                for name, value in (("loss", loss), ("kl", kl), ("ce", ce), ("hidden", hid))[: len(terms)]:
                     terms[name] += float(value.detach()) / cfg.grad_accum
             optimizer.step()
             scheduler.step()

@@ -117,6 +117,20 @@ def distill_and_lm_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
     return kl_total * temperature**2 / n_tokens if h_t is not None else kl_total, ce_total / n_labels
 
 
+def hidden_state_loss(student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...]
+                      ) -> torch.Tensor:
+    """Mean over decoder layers of ||h_s - h_t||^2 / ||h_t||^2 (each layer's output against the dense teacher's).
+
+    The tuples are a decoder's `hidden_states` (embeddings first, then one per layer; the embeddings are left out).
+    Relative per layer, so that layers whose residual stream is large (Gemma's grows by orders of magnitude with
+    depth) do not outweigh the rest; fp32 sums whatever the states' dtype."""
+    if len(student_states) != len(teacher_states) or len(student_states) < 2:
+        raise ValueError(f"hidden states of {len(student_states)} and {len(teacher_states)} entries")
+    terms = [(s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
+             for s, t in zip(student_states[1:], teacher_states[1:])]
+    return torch.stack(terms).mean()
+
+
 def router_z_loss(outputs: list[RouterOutput]) -> torch.Tensor:
     """ST-MoE z-loss: mean over layers and tokens of logsumexp(logits)^2."""
     return torch.stack([torch.logsumexp(o.logits, -1).pow(2).mean() for o in outputs]).mean()
