@@ -166,11 +166,14 @@ def interrupt_training(monkeypatch):
 
 @pytest.fixture
 def refit_calls(monkeypatch) -> list[bool]:
-    """Spy on the recipe's refit_moe_down: the list gets each call's keep_teacher flag, the refit still runs."""
-    import dotmoe.joint_recipe as recipe
+    """Spy on the recipe's refit_moe_down (before training and at the end): the list gets each call's keep_teacher
+    flag, the refit still runs."""
+    import dotmoe.joint_finish as finish
+    import dotmoe.joint_setup as setup
 
     calls: list[bool] = []
-    original = recipe.refit_moe_down
-    monkeypatch.setattr(recipe, "refit_moe_down",
-                        lambda *a, **kw: calls.append(kw.get("keep_teacher", True)) or original(*a, **kw))
+    original = setup.refit_moe_down
+    for module in (setup, finish):
+        monkeypatch.setattr(module, "refit_moe_down",
+                            lambda *a, **kw: calls.append(kw.get("keep_teacher", True)) or original(*a, **kw))
     return calls

@@ -194,7 +194,8 @@ def test_signal_during_layerwise_conversion_resumes_to_the_same_result(signum, l
 def test_training_free_run_stopped_after_its_refit_resumes_from_it(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
     """A training-free run stopped during its final evaluation keeps its partition and refit (the slow part) in a
     checkpoint: --resume neither calibrates nor refits again and ends exactly like an uninterrupted run."""
-    import dotmoe.joint_recipe as recipe
+    import dotmoe.joint_finish as finish
+    import dotmoe.joint_setup as setup
     from safetensors.torch import load_file
 
     from dotmoe.errors import Interrupted
@@ -202,14 +203,14 @@ def test_training_free_run_stopped_after_its_refit_resumes_from_it(tiny_llama_di
 
     full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", tokens=0))
     out = tmp_path / "stopped"
-    measure = recipe.perplexity
+    measure = finish.perplexity
 
     def stop_at_the_final_evaluation(*args, desc="perplexity", **kw):
         if desc == "perplexity (MoE)":
             raise Interrupted()
         return measure(*args, desc=desc, **kw)
 
-    monkeypatch.setattr(recipe, "perplexity", stop_at_the_final_evaluation)
+    monkeypatch.setattr(finish, "perplexity", stop_at_the_final_evaluation)
     with pytest.raises(Interrupted):
         convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0))
     assert output_state(out) == "resumable" and not (out / "dotmoe_meta.json").exists()
@@ -223,9 +224,10 @@ def test_training_free_run_stopped_after_its_refit_resumes_from_it(tiny_llama_di
     def must_not_run(*args, **kw):
         raise AssertionError("the resumed run redid work its checkpoint holds")
 
-    monkeypatch.setattr(recipe, "perplexity", measure)
-    monkeypatch.setattr(recipe, "initial_partitions", must_not_run)
-    monkeypatch.setattr(recipe, "refit_moe_down", must_not_run)
+    monkeypatch.setattr(finish, "perplexity", measure)
+    monkeypatch.setattr(setup, "initial_partitions", must_not_run)
+    for module in (setup, finish):
+        monkeypatch.setattr(module, "refit_moe_down", must_not_run)
     resumed = convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0, resume=True))
     assert torch.equal(resumed.partition, full.partition)
     assert resumed.record.val_ppl == full.record.val_ppl and resumed.record.refit_errors == full.record.refit_errors

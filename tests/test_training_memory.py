@@ -97,10 +97,10 @@ def test_compile_auto_only_for_long_runs_of_large_models():
 def test_compiled_training_follows_the_eager_run(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
     """compile: true runs the same training (same data, steps and terms): in fp32 its losses match eager's to float
     rounding, its layers really are compiled, and the record says so."""
-    import dotmoe.joint_recipe as recipe
+    import dotmoe.joint_setup as setup
 
-    calls, original = [], recipe.compile_decoder_layers
-    monkeypatch.setattr(recipe, "compile_decoder_layers", lambda *models: calls.append(len(models)) or original(*models))
+    calls, original = [], setup.compile_decoder_layers
+    monkeypatch.setattr(setup, "compile_decoder_layers", lambda *models: calls.append(len(models)) or original(*models))
     from torch._dynamo.utils import counters
 
     counters.clear()
