@@ -4,7 +4,7 @@ partition of the capacities, and an unknown name is refused."""
 import pytest
 import torch
 
-from dotmoe.config import AFFINITY_INITS, METHODS
+from dotmoe.config_checks import AFFINITY_INITS, METHODS
 from dotmoe.errors import DotMoeError
 from dotmoe.layer_setup import PARTITION_KINDS, layer_partition, partition_kind_named
 from transformers import LlamaConfig

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from dotmoe.config_checks import check_choices, check_combinations, check_ranges, check_types
 from dotmoe.errors import DotMoeError
-from dotmoe.export_formats import FORMATS as EXPORT_FORMATS
-from dotmoe.router import GATING_MODES
 
-METHODS = ("dotmoe", "random", "sequential", "weight-kmeans", "activation", "hidden-kmeans-router", "prune")
-TRAINABLE = ("auto", "router+assignment", "experts", "full")
 # learning rates by what trains (SmolLM2-135M at 25% active, 32k tokens from one training-free start, validation
 # PPL 119.6 at the start; benchmarks/results/train_recipes_smollm2-135m-instruct_c16384.md): every weight at 1e-4 with
 # router 1e-4 / affinity 1e-3 reached 89.9 after 16k tokens (3e-5: 94.7); router + assignment alone at 3e-3 / 0.05
@@ -26,8 +22,6 @@ LEARNING_RATES = {"router+assignment": {"lr_router": 3e-3, "lr_affinity": 0.05},
 # training tokens of a joint conversion when --tokens is not given: the measured recipe above (262,144 tokens: 30
 # minutes on one core of an AMX CPU for SmolLM2-135M, within one epoch of the bundled 437,736-token train split)
 DEFAULT_TRAIN_TOKENS = 262_144
-AFFINITY_INITS = ("coactivation", "weight-kmeans", "random")
-ROUTER_INITS = ("lstsq", "lstsq-topk", "random")
 
 
 @dataclass
@@ -147,82 +141,11 @@ class ConvertConfig:
     export_format: str = "auto"  # written to <out>/model at the end; "none" skips the export
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_types(self)
         self._resolve_training()
-
-        def choose(name: str, options: tuple[str, ...]) -> None:
-            if getattr(self, name) not in options:
-                raise DotMoeError(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
-
-        choose("method", METHODS)
-        choose("mode", ("joint", "layerwise"))
-        if self.mode == "layerwise" and self.method == "prune":
-            raise DotMoeError("--method prune has no layer-wise mode (it trains, with --tokens, in the joint mode)")
-        choose("gating", GATING_MODES)
-        choose("trainable", TRAINABLE)
-        choose("init_affinity", AFFINITY_INITS)
-        choose("init_router", ROUTER_INITS)
-        from dotmoe.precision import MIXED_PRECISIONS, PRECISIONS
-
-        choose("mixed_precision", MIXED_PRECISIONS)
-
-        choose("precision", PRECISIONS)
-        if self.precision == "bf16" and self.trains_weights:
-            raise DotMoeError("--precision bf16 keeps the model's weights in bf16, so it trains only the router and "
-                              "assignment (trainable router+assignment); use --precision fp32 to train weights")
-        if self.precision == "bf16" and self.mode == "layerwise":
-            raise DotMoeError("--precision bf16 is for the joint mode and --method prune; --mode layerwise runs fp32")
-        choose("calibrate_on", ("dense", "converted"))
-        if self.calibrate_on == "converted" and (self.tokens or self.mode != "joint" or self.init_from or
-                                                 not self.refit_down):
-            raise DotMoeError("calibrate_on converted chooses each layer's partition and router inside the "
-                              "down-projection refit: it needs the joint mode, training-free (--tokens 0), no "
-                              "--init-from and --refit-down")
-        choose("export_format", EXPORT_FORMATS + ("none",))
-        if self.experts < 2:
-            raise DotMoeError(f"--experts must be >= 2, got {self.experts}")
-        if not 1 <= self.top_k < self.experts:
-            raise DotMoeError(f"--top-k must be between 1 and experts-1={self.experts - 1}, got {self.top_k}")
-        if self.shared_fraction is not None and not 0 <= self.shared_fraction < 1:
-            raise DotMoeError(f"shared_fraction must be in [0, 1), got {self.shared_fraction}")
-        if self.shared is not None and self.shared < 0:
-            raise DotMoeError(f"--shared must be >= 0, got {self.shared}")
-        if self.drop is not None and self.drop < 0:
-            raise DotMoeError(f"--drop must be >= 0, got {self.drop}")
-        if self.drop and not self.shared and (self.shared is not None or self.shared_fraction == 0):
-            raise DotMoeError("--drop needs a shared expert (--shared > 0): dropped neurons are the OT column after it")
-        if self.capacities is not None and self.shared is None:
-            self.shared = 0  # explicit expert sizes: the shared expert is what the user says (none by default)
-        if self.capacities is not None and (len(self.capacities) != self.experts or min(self.capacities) < 1):
-            raise DotMoeError(f"capacities must be {self.experts} sizes >= 1, got {self.capacities}")
-        if self.global_tokens < 0:
-            raise DotMoeError(f"global_tokens must be >= 0, got {self.global_tokens}")
-        if self.global_tokens and self.mode != "layerwise":
-            raise DotMoeError("global_tokens is the joint phase after --mode layerwise; in the joint mode use --tokens")
-        if self.init_from and self.mode != "joint":
-            raise DotMoeError("init_from starts a joint conversion; it does not apply to --mode layerwise")
-        if self.method == "prune" and self.tokens and self.trainable not in ("auto", "full"):
-            raise DotMoeError(f"--method prune --tokens N distills every weight of the pruned model (it has no router "
-                              f"or assignment); trainable {self.trainable!r} does not apply: leave it at auto or full")
-        if self.method == "prune" and self.tokens and self.resume:
-            raise DotMoeError("--method prune --tokens N does not checkpoint (a baseline that trains in one go); "
-                              "start it again with --overwrite instead of --resume")
-        if self.init_from and self.method == "prune":
-            raise DotMoeError("init_from needs an MoE method; --method prune has no partition to start from")
-        if self.tokens is not None and self.tokens < 0:
-            raise DotMoeError(f"tokens must be >= 0 (0 = training-free), got {self.tokens}")
-        if not 0 <= self.refit_stream <= 1:
-            raise DotMoeError(f"refit_stream must be in [0, 1], got {self.refit_stream}")
-        for name in ("seq_len", "batch_size", "grad_accum", "sinkhorn_iters", "chunk_tokens", "val_tokens",
-                     "calib_tokens", "eval_tokens", "checkpoint_every", "log_every", "max_bad_steps", "layer_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise DotMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.tau_start, self.tau_end, self.kl_temperature) <= 0:
-            raise DotMoeError("tau_start, tau_end and kl_temperature must be > 0")
-        if min(self.kl_weight, self.ce_weight, self.hidden_weight, self.z_weight, self.lb_weight) < 0 or \
-                self.kl_weight + self.ce_weight == 0:
-            raise DotMoeError("loss weights must be >= 0 with kl_weight + ce_weight > 0")
-        self._check_ranges()
+        check_choices(self)
+        check_combinations(self)
+        check_ranges(self)
 
     def _resolve_training(self) -> None:
         """tokens, trainable auto, the learning rates left None and eval_every None, from the run's own settings."""
@@ -241,69 +164,6 @@ class ConvertConfig:
             self.eval_every = max(1, steps // 4) if trains else 0
         if self.warmup_steps is None:
             self.warmup_steps = max(1, steps // 8) if steps else 0
-
-    def _check_ranges(self) -> None:
-        """Every number in range, not only of the right type: floats finite, counts >= 0, learning rates,
-        temperatures and the init scale > 0, the seed a valid RNG seed, and enough evaluation tokens."""
-        from dotmoe.perplexity import MIN_EVAL_TOKENS
-
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "float" and not math.isfinite(value):
-                raise DotMoeError(f"{f.name} must be a finite number, got {value!r}")
-            if f.type == "int" and value < 0:
-                raise DotMoeError(f"{f.name} must be >= 0, got {value}")
-        for name in ("lr_router", "lr_weights", "init_scale"):
-            if getattr(self, name) <= 0:
-                raise DotMoeError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("eval_every", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise DotMoeError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr_affinity < 0:
-            raise DotMoeError(f"lr_affinity must be >= 0 (0 = a frozen partition), got {self.lr_affinity}")
-        if self.lr_affinity == 0 and self.method == "dotmoe" and self.init_affinity == "random" and not self.init_from:
-            raise DotMoeError("lr_affinity 0 freezes the starting partition, but init_affinity random has none (its "
-                              "partition comes from the optimal transport); choose another init_affinity")
-        if self.seed >= 2**32:
-            raise DotMoeError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
-        if self.eval_tokens < MIN_EVAL_TOKENS:
-            raise DotMoeError(f"eval_tokens must be >= {MIN_EVAL_TOKENS} (a perplexity on fewer tokens means "
-                              f"nothing), got {self.eval_tokens}")
-        if not self.out:
-            raise DotMoeError("out must be a directory path, got an empty string")
-        if any(not d for d in self.data + self.eval_data):
-            raise DotMoeError("data and eval_data must not hold empty file names")
-
-    def _check_types(self) -> None:
-        """Each value has its field's type. Floats also accept ints and numeric strings: YAML 1.1 reads `1e-4`
-        (no dot) as the string '1e-4', which would otherwise reach the optimizer."""
-        for f in fields(self):
-            value, kind = getattr(self, f.name), f.type
-            bad = DotMoeError(f"{f.name} must be {kind.replace(' | None', ' or null')}; got {value!r}")
-            if kind == "float | None" and value is None:
-                continue
-            if kind in ("float", "float | None"):
-                if isinstance(value, bool):
-                    raise bad
-                if isinstance(value, str):
-                    try:
-                        value = float(value)
-                    except ValueError:
-                        raise bad from None
-                if not isinstance(value, (int, float)):
-                    raise bad
-                setattr(self, f.name, float(value))
-            elif kind in ("int", "int | None") and (isinstance(value, bool) or not isinstance(value, int)) and \
-                    not (kind == "int | None" and value is None):
-                raise bad
-            elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
-                raise bad
-            elif kind == "bool | None" and value is not None and not isinstance(value, bool):
-                raise bad
-            elif kind.startswith("list[") and value is not None:
-                item = {"list[str]": str, "list[int] | None": int}[kind]
-                if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, item) for v in value):
-                    raise bad
 
     @property
     def router_fit_top_k(self) -> int | None:
