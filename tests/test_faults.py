@@ -16,8 +16,8 @@ from conftest import save_tiny_llama, tiny_convert_argv
 from dotmoe.artifacts import load_conversion
 from dotmoe.cli import main
 from dotmoe.config import ConvertConfig
-from dotmoe.errors import DotMoeError
 from dotmoe.convert import convert
+from dotmoe.errors import DotMoeError
 from dotmoe.train import MoeTrainingModule
 
 
@@ -176,7 +176,7 @@ def test_resume_takes_the_checkpoints_auto_mixed_precision(tiny_llama_dir, tiny_
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_layerwise_conversion_resumes_to_the_same_result(signum, layerwise_run, tmp_path):
-    from dotmoe.guards import LAYERWISE_CHECKPOINT
+    from dotmoe.run_dir import LAYERWISE_CHECKPOINT
 
     argv, full = layerwise_run
     out = tmp_path / "run"
@@ -194,12 +194,13 @@ def test_signal_during_layerwise_conversion_resumes_to_the_same_result(signum, l
 def test_training_free_run_stopped_after_its_refit_resumes_from_it(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
     """A training-free run stopped during its final evaluation keeps its partition and refit (the slow part) in a
     checkpoint: --resume neither calibrates nor refits again and ends exactly like an uninterrupted run."""
-    import dotmoe.joint_finish as finish
-    import dotmoe.joint_setup as setup
     from safetensors.torch import load_file
 
+    import dotmoe.joint_finish as finish
+    import dotmoe.joint_setup as setup
     from dotmoe.errors import Interrupted
-    from dotmoe.guards import CHECKPOINT, output_state
+    from dotmoe.resume_guards import output_state
+    from dotmoe.run_dir import CHECKPOINT
 
     full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", tokens=0))
     out = tmp_path / "stopped"

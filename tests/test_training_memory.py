@@ -66,7 +66,7 @@ def _runs_off_and_on(model, data, tmp_path, setting: str, steps: int):
 
 
 def test_gradient_checkpointing_changes_no_number(tiny_llama_dir, tiny_text, tmp_path):
-    """Why a resume may change gradient_checkpointing (guards.RUN_ONLY_SETTINGS): the recomputed forward gives the
+    """Why a resume may change gradient_checkpointing (resume_guards.RUN_ONLY_SETTINGS): the recomputed forward gives the
     same losses, perplexities and trained weights bit for bit."""
     runs, logs = _runs_off_and_on(tiny_llama_dir, tiny_text, tmp_path, "gradient_checkpointing", 4)
     losses = [[r["loss"] for r in log if "loss" in r] for log in logs]

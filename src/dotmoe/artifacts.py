@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 from dotmoe.atomic import atomic_write
 from dotmoe.errors import DotMoeError
 from dotmoe.record import ConversionRecord, RecordError, is_int
-from dotmoe.guards import CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT
-from dotmoe.run_dir import META_FILE, drop_previous, file_sha256
+from dotmoe.run_dir import CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT, META_FILE, drop_previous, file_sha256
 
 ASSIGNMENT_FILE = "assignment.safetensors"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # only when the dense weights were trained too

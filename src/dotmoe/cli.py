@@ -105,9 +105,9 @@ def build_convert_config(args: argparse.Namespace):
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from dotmoe.errors import Interrupted
-    from dotmoe.guards import convert_hint
     from dotmoe.convert import convert
+    from dotmoe.errors import Interrupted
+    from dotmoe.resume_guards import convert_hint
 
     cfg = build_convert_config(args)
     if args.config:
@@ -232,8 +232,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from dotmoe.config import ConvertConfig
     from dotmoe.convert import convert
-
-    from dotmoe.guards import check_convert_output
+    from dotmoe.resume_guards import check_convert_output
 
     given = {k: getattr(args, k) for k in ("eval_tokens", "calib_tokens") if getattr(args, k) is not None}
     base = ConvertConfig(tokens=args.tokens, eval_every=args.eval_every, overwrite=args.overwrite, **given)
@@ -375,10 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dotmoe.errors import Interrupted
-    from dotmoe.guards import stop_on_signals
-
     from dotmoe.allocator import use_huge_pages
+    from dotmoe.errors import Interrupted
+    from dotmoe.stop_signals import stop_on_signals
 
     use_huge_pages()  # before torch's first CPU allocation, which reads it
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -10,8 +10,8 @@ import torch
 
 from dotmoe.config import ConvertConfig
 from dotmoe.conversion_result import ConvertResult
-from dotmoe.guards import check_convert_output
 from dotmoe.precision import MIXED_PRECISIONS, resolve_mixed_precision
+from dotmoe.resume_guards import check_convert_output
 
 
 def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
@@ -20,14 +20,13 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     `cfg.out` must be new or empty, unless `resume` (continue its checkpoint) or `overwrite` (replace it); it is
     marked complete (COMPLETE) only after everything else, the export included, is written."""
     from dotmoe.allocator import return_large_blocks_to_the_system
-
     from dotmoe.run_dir import is_main_rank, output_lock, restore_previous
 
     return_large_blocks_to_the_system()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accelerate's device (_accelerator)
     recorded = None
     if cfg.resume and cfg.mixed_precision == "auto":  # the checkpoint's choice, not a new probe's
-        from dotmoe.guards import resumed_setting
+        from dotmoe.resume_guards import resumed_setting
 
         recorded = resumed_setting(cfg.out, "mixed_precision")
     if recorded in MIXED_PRECISIONS and recorded != "auto":

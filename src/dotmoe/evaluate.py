@@ -299,7 +299,7 @@ def plot_paths(out: str | Path) -> tuple[Path, Path]:
 def check_model_of_conversion(path: Path) -> None:
     """A conversion output is not a model, and a conversion's `model/` is evaluated only once it is finished."""
     from dotmoe.artifacts import META_FILE, read_record
-    from dotmoe.guards import output_state
+    from dotmoe.resume_guards import output_state
 
     if (path / META_FILE).is_file() and not (path / "config.json").is_file():
         raise DotMoeError(f"{path} is a dotmoe convert output, not a model; evaluate its export {path / 'model'}")

@@ -16,14 +16,15 @@ from dotmoe.checkpoints import save_checkpoint
 from dotmoe.config import ConvertConfig
 from dotmoe.conversion_result import ConvertResult
 from dotmoe.errors import DotMoeError, Interrupted
-from dotmoe.guards import BEST_STATE, CHECKPOINT, resume_key, stop_at_step_boundaries, stop_requested
 from dotmoe.joint_finish import JointFinish
 from dotmoe.joint_setup import JointSetup
 from dotmoe.joint_state import SNAPSHOT_IN_MEMORY_BYTES, restore_snapshot, revert_to_checkpoint, snapshot
 from dotmoe.perplexity import perplexity
-from dotmoe.run_dir import TRAIN_LOG
+from dotmoe.resume_guards import resume_key
+from dotmoe.run_dir import BEST_STATE, CHECKPOINT, TRAIN_LOG
 from dotmoe.sharding import full_optimizer_state, full_trainable_state, gathered
 from dotmoe.step_profile import StepProfiler
+from dotmoe.stop_signals import stop_at_step_boundaries, stop_requested
 from dotmoe.train import JointStart, bad_terms, start_joint
 
 

@@ -14,13 +14,13 @@ from dotmoe.data import batch_order
 from dotmoe.dense_ppl_cache import dense_perplexity
 from dotmoe.distill_dense import teacher_copy
 from dotmoe.errors import DotMoeError
-from dotmoe.guards import prepare_output
 from dotmoe.joint_state import best_so_far, kept_records, load_refit_checkpoint, load_training_checkpoint
 from dotmoe.layer_setup import (initial_partitions, partition_kind, partition_kind_named, refitted_down_projections,
                                 starting_point)
 from dotmoe.moe_mlp import install_moe, moe_disabled
 from dotmoe.precision import autocast_dtype
 from dotmoe.prepare import calibration_sequences, preflight
+from dotmoe.resume_guards import prepare_output
 from dotmoe.sharding import gathered, has_sharded_parameters, load_full_optimizer_state, load_full_state
 from dotmoe.train import MoeTrainingModule, refit_moe_down
 

@@ -14,7 +14,7 @@ from torch import nn
 from dotmoe.checkpoints import load_checkpoint, save_checkpoint
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
-from dotmoe.guards import check_resume_settings, resume_key
+from dotmoe.resume_guards import check_resume_settings, resume_key
 from dotmoe.sharding import load_full_optimizer_state, load_full_state
 
 

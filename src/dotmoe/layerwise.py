@@ -28,17 +28,19 @@ from tqdm import tqdm
 
 from dotmoe.architecture import check_checkpoint_names, check_model_dir, find_gated_mlps
 from dotmoe.artifacts import save_conversion
-from dotmoe.record import ConversionRecord
 from dotmoe.assignment import NeuronAssigner
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, pack_sequences, tokenize_stream
 from dotmoe.errors import DotMoeError, Interrupted
 from dotmoe.export import TensorSource
-from dotmoe.guards import (COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, check_resume_settings, check_seq_len,
-                           prepare_output, resume_key, settings_key, stop_at_step_boundaries, stop_requested)
+from dotmoe.guards import check_seq_len
 from dotmoe.layer_runner import layer_call_inputs
 from dotmoe.losses import load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, recorded_routing
+from dotmoe.record import ConversionRecord
+from dotmoe.resume_guards import check_resume_settings, prepare_output, resume_key, settings_key
+from dotmoe.run_dir import COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR
+from dotmoe.stop_signals import stop_at_step_boundaries, stop_requested
 
 
 def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> None:
@@ -174,9 +176,9 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, record)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from dotmoe.checkpoints import save_checkpoint
     from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
-    from dotmoe.checkpoints import save_checkpoint
     from dotmoe.prepare import calibration_sequences, check_eval_tokens, preflight
 
     t0 = time.time()

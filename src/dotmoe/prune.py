@@ -22,10 +22,10 @@ from dotmoe.atomic import staged_directory
 from dotmoe.calibration_methods import prune_keep
 from dotmoe.config import ConvertConfig
 from dotmoe.dense_ppl_cache import dense_perplexity
-from dotmoe.guards import prepare_output
 from dotmoe.perplexity import perplexity
 from dotmoe.record import ConversionRecord
 from dotmoe.resources import StagePeaks
+from dotmoe.resume_guards import prepare_output
 from dotmoe.run_dir import TRAIN_LOG
 
 
@@ -97,8 +97,8 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
     peaks.mark("calibrate")
     refit_errors = refit_ridges = None
     if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
-        from dotmoe.refit import refit_sequentially, stream_target
         from dotmoe.prepare import calibration_sequences
+        from dotmoe.refit import refit_sequentially, stream_target
 
         problems = [_pruned_problem(mlp, kept, i) for i, mlp in enumerate(prep.mlps)]
         calib = calibration_sequences(prep.seqs, cfg)
