@@ -38,11 +38,27 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
 
 
-def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, eval_ids: torch.Tensor,
-                  cfg: ConvertConfig, log_path: Path | None = None, progress: bool = True) -> DistillResult:
-    """Train every weight of `student` for cfg.steps optimizer steps against the frozen `teacher`; validation
-    perplexity (first cfg.val_tokens of `eval_ids`) at the start and every cfg.eval_every steps. With cfg.keep_best
-    the student ends with the weights of its best validation point."""
+def _batch_terms(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, cfg: ConvertConfig
+                 ) -> dict[str, torch.Tensor]:
+    """One micro-batch's loss (first) and its terms: KL to the teacher, CE, and with hidden_weight the layer term."""
+    with autocast(cfg.mixed_precision, batch.device):  # as accelerate does in the joint run
+        layers_too = cfg.hidden_weight > 0  # every layer's output, not only the last
+        with torch.no_grad():
+            target = teacher.get_decoder()(input_ids=batch, output_hidden_states=layers_too) \
+                if cfg.kl_weight > 0 or layers_too else None
+        out = student.get_decoder()(input_ids=batch, output_hidden_states=layers_too)
+        kl, ce = distill_and_lm_loss(out.last_hidden_state, target.last_hidden_state if cfg.kl_weight > 0 else None,
+                                     batch, student.get_output_embeddings(), cfg.kl_temperature, cfg.chunk_tokens,
+                                     ce_grad=cfg.ce_weight > 0, teacher_head=teacher.get_output_embeddings())
+        hid = hidden_state_loss(out.hidden_states, target.hidden_states) if layers_too else None
+    loss = cfg.kl_weight * kl + cfg.ce_weight * ce
+    if layers_too:
+        loss = loss + cfg.hidden_weight * hid
+    return {"loss": loss, "kl": kl, "ce": ce, **({"hidden": hid} if layers_too else {})}
+
+
+def _optimizer(student: nn.Module, teacher: nn.Module, cfg: ConvertConfig):
+    """Every student weight trainable (checkpointed and compiled when asked), AdamW and the cosine schedule."""
     from transformers import get_cosine_schedule_with_warmup
 
     teacher.eval().requires_grad_(False)
@@ -53,7 +69,15 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
         compile_decoder_layers(student, teacher)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr_weights, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+
+
+def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, eval_ids: torch.Tensor,
+                  cfg: ConvertConfig, log_path: Path | None = None, progress: bool = True) -> DistillResult:
+    """Train every weight of `student` for cfg.steps optimizer steps against the frozen `teacher`; validation
+    perplexity (first cfg.val_tokens of `eval_ids`) at the start and every cfg.eval_every steps. With cfg.keep_best
+    the student ends with the weights of its best validation point."""
+    optimizer, scheduler = _optimizer(student, teacher, cfg)
     order = batch_order(cfg, len(seqs))
     result, best = DistillResult(), None
     log = log_path.open("w") if log_path is not None else None
@@ -81,31 +105,16 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
         t0, per_step = time.time(), cfg.batch_size * cfg.grad_accum * cfg.seq_len
         bar = tqdm(range(cfg.steps), desc="convert (prune + distillation)", unit="step", disable=not progress)
         for step in bar:
-            terms = {"loss": 0.0, "kl": 0.0, "ce": 0.0, **({"hidden": 0.0} if cfg.hidden_weight > 0 else {})}
+            terms: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 idx = order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
-                batch = seqs[idx]
-                with autocast(cfg.mixed_precision, batch.device):  # as accelerate does in the joint run
-                    layers_too = cfg.hidden_weight > 0  # every layer's output, not only the last
-                    with torch.no_grad():
-                        target = teacher.get_decoder()(input_ids=batch, output_hidden_states=layers_too) \
-                            if cfg.kl_weight > 0 or layers_too else None
-                    out = student.get_decoder()(input_ids=batch, output_hidden_states=layers_too)
-                    kl, ce = distill_and_lm_loss(out.last_hidden_state,
-                                                 target.last_hidden_state if cfg.kl_weight > 0 else None, batch,
-                                                 student.get_output_embeddings(), cfg.kl_temperature,
-                                                 cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0,
-                                                 teacher_head=teacher.get_output_embeddings())
-                    hid = hidden_state_loss(out.hidden_states, target.hidden_states) if layers_too else None
-                loss = cfg.kl_weight * kl + cfg.ce_weight * ce
-                if layers_too:
-                    loss = loss + cfg.hidden_weight * hid
-                if not torch.isfinite(loss):
+                batch_terms = _batch_terms(student, teacher, seqs[idx], cfg)
+                if not torch.isfinite(batch_terms["loss"]):
                     raise DotMoeError(f"non-finite loss at step {step + 1} of the pruned model's distillation; "
                                       "lower --lr-weights or check the data")
-                (loss / cfg.grad_accum).backward()
-                for name, value in (("loss", loss), ("kl", kl), ("ce", ce), ("hidden", hid))[: len(terms)]:
-                    terms[name] += float(value.detach()) / cfg.grad_accum
+                (batch_terms["loss"] / cfg.grad_accum).backward()
+                for name, value in batch_terms.items():
+                    terms[name] = terms.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -118,6 +127,11 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
     finally:
         if log is not None:
             log.close()
+    return _finish(student, cfg, result, best, progress)
+
+
+def _finish(student: nn.Module, cfg: ConvertConfig, result: DistillResult, best, progress: bool) -> DistillResult:
+    """Checkpointing off, the student frozen and, when training went past its best validation point, back to it."""
     if cfg.gradient_checkpointing and getattr(student, "supports_gradient_checkpointing", False):
         student.activation_checkpointing_disable()
     student.eval().requires_grad_(False)

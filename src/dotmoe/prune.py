@@ -95,23 +95,7 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
     kept = [None] * len(prep.mlps) if converted else \
         prep.map_calibration_inputs(cfg, lambda i, x: prune_keep(prep.mlps[i], x, keep), progress)
     peaks.mark("calibrate")
-    refit_errors = refit_ridges = None
-    if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
-        from dotmoe.prepare import calibration_sequences
-        from dotmoe.refit import refit_sequentially, stream_target
-
-        problems = [_pruned_problem(mlp, kept, i) for i, mlp in enumerate(prep.mlps)]
-        calib = calibration_sequences(prep.seqs, cfg)
-        # while layer i's problem is built it is still unsliced: the dense layer, no switch needed
-        stream = stream_target(model.get_decoder(), len(prep.mlps), cfg.refit_stream, contextlib.nullcontext) \
-            if cfg.refit_stream else None
-        prepare = (lambda i, x: kept.__setitem__(i, prune_keep(prep.mlps[i], x, keep))) if converted else None
-        refit_errors, refit_ridges = refit_sequentially(model.get_decoder(), prep.mlps, problems, calib,
-                                                        stream=stream, prepare=prepare, progress=progress)
-    else:
-        for mlp, index in zip(prep.mlps, kept):
-            _slice_mlp(mlp, index)
-    model.config.intermediate_size = keep
+    refit_errors, refit_ridges = _slice_and_refit(cfg, prep, kept, keep, converted, progress)
     if refit_errors is not None:
         peaks.mark("refit")
     prepare_output(out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
@@ -138,16 +122,51 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
         model.save_pretrained(tmp)
         prep.tokenizer.save_pretrained(tmp)
     peaks.mark("export")
+    record = _pruned_record(cfg, prep, model_dir, keep, trained, (ppl, dense_ppl), (refit_errors, refit_ridges),
+                            peaks, precision, round(time.time() - t0, 1))
+    write_record(out, record)
+    mark_complete(out)  # last: only now is this a finished result
+    return ConvertResult(out_dir=out, partition=torch.stack(kept), record=record)
+
+
+def _slice_and_refit(cfg: ConvertConfig, prep, kept: list, keep: int, converted: bool, progress: bool):
+    """Slice every MLP to its kept neurons, inside the down-projection refit when asked (each layer on the inputs
+    the pruned layers below give it); returns the refit's (errors, ridges), (None, None) without it."""
+    model = prep.model
+    refit_errors = refit_ridges = None
+    if cfg.refit_down:  # slice each layer inside its refit, on the inputs the pruned layers below give it
+        from dotmoe.prepare import calibration_sequences
+        from dotmoe.refit import refit_sequentially, stream_target
+
+        problems = [_pruned_problem(mlp, kept, i) for i, mlp in enumerate(prep.mlps)]
+        calib = calibration_sequences(prep.seqs, cfg)
+        # while layer i's problem is built it is still unsliced: the dense layer, no switch needed
+        stream = stream_target(model.get_decoder(), len(prep.mlps), cfg.refit_stream, contextlib.nullcontext) \
+            if cfg.refit_stream else None
+        prepare = (lambda i, x: kept.__setitem__(i, prune_keep(prep.mlps[i], x, keep))) if converted else None
+        refit_errors, refit_ridges = refit_sequentially(model.get_decoder(), prep.mlps, problems, calib,
+                                                        stream=stream, prepare=prepare, progress=progress)
+    else:
+        for mlp, index in zip(prep.mlps, kept):
+            _slice_mlp(mlp, index)
+    model.config.intermediate_size = keep
+    return refit_errors, refit_ridges
+
+
+def _pruned_record(cfg: ConvertConfig, prep, model_dir, keep: int, trained, ppls: tuple[float, float], refit,
+                   peaks, precision, wall: float) -> ConversionRecord:
+    """The record of a pruned conversion: `ppls` (pruned, dense), `refit` (errors, ridges), `trained` the
+    distillation's result (None without training)."""
+    model, (ppl, dense_ppl), (refit_errors, refit_ridges) = prep.model, ppls, refit
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     if not model.config.tie_word_embeddings:
         embed += model.get_output_embeddings().weight.numel()
-    record = ConversionRecord(
+    return ConversionRecord(
         method="prune", mode="prune", experts=cfg.experts, top_k=cfg.top_k, shared=cfg.shared, drop=cfg.drop,
-        gating=None, intermediate_size=n, kept_neurons=keep, num_layers=len(prep.mlps), mlp_modules=prep.mlp_names,
-        base_model=str(prep.model_path.resolve()),
-        train_tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, steps=cfg.steps,
-        wall_seconds=round(time.time() - t0, 1),
+        gating=None, intermediate_size=prep.num_neurons, kept_neurons=keep, num_layers=len(prep.mlps),
+        mlp_modules=prep.mlp_names, base_model=str(prep.model_path.resolve()),
+        train_tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, steps=cfg.steps, wall_seconds=wall,
         final_terms={k: v for k, v in trained.history[-1].items() if k not in ("step", "tokens")}
         if trained and trained.history else {}, val_ppl=round(ppl, 4),
         dense_val_ppl=round(dense_ppl, 4), ppl_ratio=round(ppl / dense_ppl, 4),
@@ -159,6 +178,3 @@ def prune_convert(cfg: ConvertConfig, prep, peaks=None, precision=None, progress
         export={"dir": str(model_dir), "architecture": type(model).__name__, "exact": True,
                 "total_params": params, "active_params": params, "active_non_embedding_params": params - embed,
                 "parity": {}})
-    write_record(out, record)
-    mark_complete(out)  # last: only now is this a finished result
-    return ConvertResult(out_dir=out, partition=torch.stack(kept), record=record)
