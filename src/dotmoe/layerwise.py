@@ -22,6 +22,7 @@ import sys
 import time
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -172,17 +173,28 @@ def convert_layerwise(cfg: ConvertConfig, progress: bool = True):
 
 
 
-def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torch.Tensor, dict]:
-    """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, record)."""
+class _LayerwiseInputs(NamedTuple):
+    """What the layer-wise pass reads before it writes: the model (a meta skeleton, weights streamed from `src`),
+    its gated MLPs, the calibration sequences."""
+
+    model_path: Path
+    config: object
+    skeleton: torch.nn.Module
+    named: list
+    num_neurons: int
+    calib: torch.Tensor
+    src: TensorSource
+
+
+def _load_and_check(cfg: ConvertConfig, out: Path) -> _LayerwiseInputs:
+    """Model, tokenizer, data and every input weight checked (finite, named as the model expects), then the output
+    prepared: nothing is written before every input passed."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from dotmoe.checkpoints import save_checkpoint
     from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
     from dotmoe.prepare import calibration_sequences, check_eval_tokens, preflight
 
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
     texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
     model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     check_model_dir(model_path, require_dense=True)
@@ -212,51 +224,71 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
         src.release()
     prepare_output(cfg.out, cfg.overwrite)  # every input is checked: only now may an --overwrite'n result go
     preflight(out, cfg, skeleton)
+    return _LayerwiseInputs(model_path, config, skeleton, named, num_neurons, calib, src)
 
-    ckpt_path = out / LAYERWISE_CHECKPOINT
-    state = _load_checkpoint(ckpt_path, cfg, len(named)) if cfg.resume else None
-    if state is None:
-        embed = skeleton.get_input_embeddings()
-        embed_name = next(n for n, p in skeleton.named_parameters() if p is embed.weight)
-        _materialize(embed, embed_name.rsplit(".", 1)[0], src)
-        src.release()
-        with torch.no_grad():
-            hidden = embed(calib).float()
-        embed.to("meta")
-        partitions, routers, layer_stats, start = [], [], [], 0
-    else:  # the finished layers' results and the hidden states entering the next layer
-        hidden, partitions, routers = state["hidden"], state["partitions"], state["routers"]
-        layer_stats = state["stats"]
-        start = len(partitions)
-    decoder = skeleton.get_decoder()
-    rotary = type(decoder.rotary_emb)(config=config)
+
+def _starting_state(cfg: ConvertConfig, got: _LayerwiseInputs, ckpt_path: Path):
+    """(hidden states entering the next layer, partitions, routers, layer stats, next layer): the embeddings of
+    the calibration sequences, or a --resume'd checkpoint's finished layers."""
+    state = _load_checkpoint(ckpt_path, cfg, len(got.named)) if cfg.resume else None
+    if state is not None:  # the finished layers' results and the hidden states entering the next layer
+        return state["hidden"], state["partitions"], state["routers"], state["stats"], len(state["partitions"])
+    embed = got.skeleton.get_input_embeddings()
+    embed_name = next(n for n, p in got.skeleton.named_parameters() if p is embed.weight)
+    _materialize(embed, embed_name.rsplit(".", 1)[0], got.src)
+    got.src.release()
+    with torch.no_grad():
+        hidden = embed(got.calib).float()
+    embed.to("meta")
+    return hidden, [], [], [], 0
+
+
+def _convert_layer(cfg: ConvertConfig, got: _LayerwiseInputs, i: int, hidden: torch.Tensor, positions, inputs,
+                   caps: torch.Tensor):
+    """Layer i: its weights loaded, run on `hidden` (its MLP's inputs and outputs recorded), its MLP converted
+    (`_train_layer`), its weights dropped; returns (the next layer's hidden states, partition, router, stats)."""
+    mlp_name, mlp = got.named[i]
+    layer_name = mlp_name.rsplit(".", 1)[0]
+    layer = got.skeleton.get_submodule(layer_name)
+    _materialize(layer, layer_name, got.src)
+    got.src.release()  # keep only this layer's weights resident, not the checkpoint's mapped pages
+    xs, ys = [], []
+    hooks = [mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))),
+             mlp.register_forward_hook(lambda m, a, o: ys.append(o.reshape(-1, o.shape[-1])))]
+    with torch.no_grad():
+        hidden = torch.cat([layer(h, position_ids=positions, **inputs) for h in hidden.split(8)])
+    for h in hooks:
+        h.remove()
+    mlp.requires_grad_(False)
+    part, router, stats = _train_layer(cfg, mlp, torch.cat(xs), torch.cat(ys), caps, cfg.seed + i)
+    layer.to("meta")  # drop this layer's weights
+    del xs, ys
+    return_freed_memory()
+    return hidden, part, router, stats
+
+
+def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torch.Tensor, dict]:
+    """The layer-by-layer conversion into `out` (partition, routers, metadata); returns (partition, record)."""
+    from dotmoe.checkpoints import save_checkpoint
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    got = _load_and_check(cfg, out)
+    named, ckpt_path = got.named, out / LAYERWISE_CHECKPOINT
+    hidden, partitions, routers, layer_stats, start = _starting_state(cfg, got, ckpt_path)
+    rotary = type(got.skeleton.get_decoder().rotary_emb)(config=got.config)
     positions = torch.arange(cfg.seq_len).unsqueeze(0)
-    inputs = layer_call_inputs(rotary, config, hidden, positions, len(named))
-    caps = torch.tensor(cfg.column_capacities(num_neurons))
+    inputs = layer_call_inputs(rotary, got.config, hidden, positions, len(named))
+    caps = torch.tensor(cfg.column_capacities(got.num_neurons))
 
-    bar = tqdm(named[start:], desc="layerwise", unit="layer", disable=not progress, initial=start, total=len(named))
+    bar = tqdm(range(start, len(named)), desc="layerwise", unit="layer", disable=not progress, initial=start,
+               total=len(named))
     stop_at_step_boundaries(True)  # a signal stops the run at the next step or after a checkpoint, never inside one
-    for i, (mlp_name, mlp) in enumerate(bar, start=start):
-        layer_name = mlp_name.rsplit(".", 1)[0]
-        layer = skeleton.get_submodule(layer_name)
-        _materialize(layer, layer_name, src)
-        src.release()  # keep only this layer's weights resident, not the checkpoint's mapped pages
-        xs, ys = [], []
-        hooks = [mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))),
-                 mlp.register_forward_hook(lambda m, a, o: ys.append(o.reshape(-1, o.shape[-1])))]
-        with torch.no_grad():
-            hidden = torch.cat([layer(h, position_ids=positions, **inputs[i])
-                                for h in hidden.split(8)])
-        for h in hooks:
-            h.remove()
-        mlp.requires_grad_(False)
-        part, router, stats = _train_layer(cfg, mlp, torch.cat(xs), torch.cat(ys), caps, cfg.seed + i)
+    for i in bar:
+        hidden, part, router, stats = _convert_layer(cfg, got, i, hidden, positions, inputs[i], caps)
         partitions.append(part)
         routers.append(router)
         layer_stats.append(stats)
-        layer.to("meta")  # drop this layer's weights
-        del xs, ys
-        return_freed_memory()
         if i + 1 < len(named):  # a crash loses at most the layer in progress
             save_checkpoint({"config": _resume_key(cfg), "hidden": hidden, "partitions": partitions,
                              "routers": routers, "stats": layer_stats}, ckpt_path)
@@ -266,10 +298,10 @@ def _layerwise_pass(cfg: ConvertConfig, out: Path, progress: bool) -> tuple[torc
     partition = torch.stack(partitions)
     record = ConversionRecord(
         method=cfg.method, mode="layerwise", experts=cfg.experts, top_k=cfg.top_k, shared=cfg.shared, drop=cfg.drop,
-        gating=cfg.gating, capacities=caps.tolist(), intermediate_size=num_neurons, num_layers=len(named),
-        mlp_modules=[n for n, _ in named], base_model=str(model_path.resolve()),
+        gating=cfg.gating, capacities=caps.tolist(), intermediate_size=got.num_neurons, num_layers=len(named),
+        mlp_modules=[n for n, _ in named], base_model=str(got.model_path.resolve()),
         train_tokens=len(named) * (cfg.layer_steps if cfg.trains_layers else 0) * cfg.batch_size * cfg.seq_len,
-        calibration_tokens=calib.numel(), steps=cfg.layer_steps, processes=1,
+        calibration_tokens=got.calib.numel(), steps=cfg.layer_steps, processes=1,
         wall_seconds=round(time.time() - t0, 1), final_terms={}, layer_errors=layer_stats, config=cfg.to_dict())
     save_conversion(out, partition, routers, record)  # the checkpoint stays until the result is complete
     # the export that follows runs no parity check: it would load the whole model, which this mode avoids
