@@ -1,5 +1,6 @@
 """The package's modules import each other without a circle (imports inside functions count too), so each
-module can be read, tested and replaced from the bottom up. `python tests/test_import_graph.py` prints the
+module can be read, tested and replaced from the bottom up; and each stays small enough to read in one sitting
+(at most 350 lines a module, 60 a function). `python tests/test_import_graph.py` prints the
 modules by layer (README's import graph): a module imports only modules of lower layers."""
 
 import ast
@@ -67,6 +68,33 @@ def test_the_finder_sees_a_circle():
 
 def test_no_import_circle():
     assert cycles(import_graph()) == []
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 350, 60
+
+
+def oversized(package: Path = PACKAGE) -> list[str]:
+    """Modules over MAX_MODULE_LINES lines and functions (methods and nested ones too) over MAX_FUNCTION_LINES."""
+    found = []
+    for path in sorted(package.glob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            found.append(f"{path.name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.name}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    (tmp_path / "long.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES + "\n\ndef g():\n    pass\n")
+    assert oversized(tmp_path) == [f"long.py:1 f: {MAX_FUNCTION_LINES + 1} lines"]
+
+
+def test_no_module_or_function_too_long():
+    assert oversized() == []
 
 
 def layers(graph: dict[str, set[str]]) -> list[list[str]]:

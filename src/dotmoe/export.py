@@ -212,6 +212,28 @@ def _count_params(numels: dict[str, int], record: ConversionRecord, tied: bool) 
             "routed_expert_params": routed, "tied_embeddings": int(tied)}
 
 
+def _write_tensors(writer: "_ShardWriter", conv, plan, src: "TensorSource", expert_size: int, tied: bool,
+                   untie: bool, progress: bool) -> None:
+    """Every tensor of the MoE checkpoint, streamed from `src` in its order: each gated MLP as its MoE tensors (on
+    the layer's gate tensor), the rest as they are (a tied head left out, or with `untie` written as a copy)."""
+    mlp_prefixes = conv.record.mlp_modules
+    mlp_tensor_names = {f"{p}.{w}_proj.weight" for p in mlp_prefixes for w in ("gate", "up", "down")}
+    for name in tqdm(src.names(), desc="export", unit="tensor", disable=not progress):
+        if name in mlp_tensor_names:
+            prefix = name.rsplit(".", 2)[0]  # model.layers.3.mlp.gate_proj.weight -> model.layers.3.mlp
+            if name.endswith("gate_proj.weight"):  # emit the whole layer once, on its gate tensor
+                layer = mlp_prefixes.index(prefix)
+                for moe_name, tensor, _ in _moe_tensors(conv, plan, layer, prefix, src, expert_size):
+                    writer.add(moe_name, tensor)
+            continue
+        if tied and name.startswith("lm_head."):
+            continue
+        tensor = src.get(name)
+        writer.add(name, tensor)
+        if untie and name.endswith("embed_tokens.weight"):
+            writer.add("lm_head.weight", tensor.clone())  # its own storage (safetensors)
+
+
 def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "auto",
            max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, check_tokens: int = 256,
            pad_to: int = 8, progress: bool = True, require_complete: bool = True) -> ExportResult:
@@ -235,28 +257,13 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
     # torch's CPU grouped_mm (transformers' default experts kernel) needs 16-byte strides: pad every expert with
     # zero neurons to a multiple of `pad_to` (8 covers bf16/fp16); zero neurons contribute exactly 0.
     expert_size = -(-max(routed_caps) // pad_to) * pad_to
-    mlp_prefixes = record.mlp_modules
     tied = bool(dense.get("tie_word_embeddings", False))
     untie = tied and plan.target.unties_lm_head  # the head written as a copy of the embedding (see ExportTarget)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_directory(out) as tmp:  # written whole, then renamed onto `out`
         writer = _ShardWriter(tmp, max_shard_bytes, DTYPES[out_dtype_name])
-        mlp_tensor_names = {f"{p}.{w}_proj.weight" for p in mlp_prefixes for w in ("gate", "up", "down")}
-        for name in tqdm(src.names(), desc="export", unit="tensor", disable=not progress):
-            if name in mlp_tensor_names:
-                prefix = name.rsplit(".", 2)[0]  # model.layers.3.mlp.gate_proj.weight -> model.layers.3.mlp
-                if name.endswith("gate_proj.weight"):  # emit the whole layer once, on its gate tensor
-                    layer = mlp_prefixes.index(prefix)
-                    for moe_name, tensor, _ in _moe_tensors(conv, plan, layer, prefix, src, expert_size):
-                        writer.add(moe_name, tensor)
-                continue
-            if tied and name.startswith("lm_head."):
-                continue
-            tensor = src.get(name)
-            writer.add(name, tensor)
-            if untie and name.endswith("embed_tokens.weight"):
-                writer.add("lm_head.weight", tensor.clone())  # its own storage (safetensors)
+        _write_tensors(writer, conv, plan, src, expert_size, tied, untie, progress)
         numels = writer.finish()
         params = _count_params(numels, record, tied and not untie)
         cfg = moe_config(dense, plan, experts=record.experts, top_k=record.top_k, expert_size=expert_size,

@@ -69,23 +69,28 @@ def build_model(cfg: ReferenceConfig, vocab_size: int):
     return LlamaForCausalLM(config)
 
 
-def train_reference(out_dir: Path, data_dir: Path, cfg: ReferenceConfig = ReferenceConfig(),
-                    info_path: Path = DEFAULT_INFO) -> dict:
-    """Train tokenizer + model, write the HF model dir and the bundled text splits; return the report."""
-
-    torch.manual_seed(cfg.seed)
-    splits = split_corpus(read_info_nodes(info_path))
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write_splits(splits: dict[str, list[str]], data_dir: Path, sample_chars: int) -> None:
+    """The bundled validation and test splits, and a train sample of about `sample_chars` characters drawn evenly
+    from the train split."""
     data_dir.mkdir(parents=True, exist_ok=True)
     for name in ("validation", "test"):
         (data_dir / f"{name}.txt").write_text("\n\n".join(splits[name]) + "\n", encoding="utf-8")
     sample, size = [], 0
     for doc in splits["train"][:: max(1, len(splits["train"]) // 2000)]:
-        if size > cfg.train_sample_chars:
+        if size > sample_chars:
             break
         sample.append(doc)
         size += len(doc)
     (data_dir / "train_sample.txt").write_text("\n\n".join(sample) + "\n", encoding="utf-8")
+
+
+def train_reference(out_dir: Path, data_dir: Path, cfg: ReferenceConfig = ReferenceConfig(),
+                    info_path: Path = DEFAULT_INFO) -> dict:
+    """Train tokenizer + model, write the HF model dir and the bundled text splits; return the report."""
+    torch.manual_seed(cfg.seed)
+    splits = split_corpus(read_info_nodes(info_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_splits(splits, data_dir, cfg.train_sample_chars)
 
     tok = train_tokenizer(splits["train"], cfg.vocab_size, out_dir)
     train_ids = tokenize_stream(tok, splits["train"])

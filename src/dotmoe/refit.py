@@ -167,6 +167,35 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _layer_problem(runner: LayerRunner, i: int, hidden: torch.Tensor, module: nn.Module, builder: LayerProblem,
+                   problem: "_Accumulator", chunk: int, stream: StreamTarget | None,
+                   dense_out: torch.Tensor | None) -> "_Accumulator":
+    """Layer i's least-squares problem accumulated over every chunk of `hidden` (its inputs), running the layer only
+    up to its FFN; with `stream`, the target also pulls the residual back to the dense layer's output `dense_out`."""
+    state: dict[str, torch.Tensor] = {}
+    chunks = iter(range(len(hidden.split(chunk))))
+
+    def collect(x: torch.Tensor) -> None:
+        z, y = builder.build(x)
+        if stream is not None:
+            c = next(chunks)
+            dense = _rows(dense_out[c * chunk: (c + 1) * chunk])
+            y = y + stream.weight * (dense.to(y.dtype) - state["residual"].to(y.dtype) - y)
+        problem.add(z, y)
+
+    hooks = []
+    if stream is not None:
+        hooks.append(stream.residual[i].register_forward_pre_hook(
+            lambda module, args: state.__setitem__("residual", _rows(args[0]))))
+    try:  # the layer only up to its FFN's input: the FFN's own output is not needed to build the problem
+        runner.feed(i, hidden, module, collect)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return problem
+
+
+@torch.no_grad()
 def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: list[LayerProblem],
                        calib_ids: torch.Tensor, ridge: float | None = None, progress: bool = False,
                        stream: StreamTarget | None = None, chunk: int = CHUNK_SEQUENCES,
@@ -197,39 +226,18 @@ def refit_sequentially(decoder: nn.Module, modules: list[nn.Module], problems: l
     errors: list[float] = [float("nan")] * len(modules)
     ridges: list[float] = [float("nan")] * len(modules)
     hidden = dense_hidden = runner.hidden
-    state: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(modules)), desc="refit down_proj", unit="layer", disable=not progress):
         if prepare is not None:
             inputs: list[torch.Tensor] = []
             runner.feed(i, hidden, modules[i], lambda x: inputs.append(x.float()))
             prepare(i, torch.cat(inputs))
             del inputs
-        problem = _Accumulator(cut)
         dense_out = None
         if stream is not None:  # the dense model's layer i on the dense stream (before any hook is registered)
             with stream.dense_mode():
                 dense_out = runner.run(i, dense_hidden)
-
-        chunks = iter(range(len(hidden.split(chunk))))
-
-        def collect(x: torch.Tensor, i=i) -> None:
-            z, y = problems[i].build(x)
-            if stream is not None:
-                c = next(chunks)
-                dense = _rows(dense_out[c * chunk: (c + 1) * chunk])
-                y = y + stream.weight * (dense.to(y.dtype) - state["residual"].to(y.dtype) - y)
-            problem.add(z, y)
-
-        hooks = []
-        if stream is not None:
-            hooks.append(stream.residual[i].register_forward_pre_hook(
-                lambda module, args: state.__setitem__("residual", _rows(args[0]))))
-        try:  # the layer only up to its FFN's input: the FFN's own output is not needed to build the problem
-            runner.feed(i, hidden, modules[i], collect)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            state.clear()
+        problem = _layer_problem(runner, i, hidden, modules[i], problems[i], _Accumulator(cut), chunk, stream,
+                                 dense_out)
         weight, ridges[i], errors[i] = problem.solve(ridge)
         problems[i].apply(weight)
         hidden = runner.run(i, hidden)

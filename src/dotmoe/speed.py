@@ -169,6 +169,23 @@ def load(model_dir: str | Path, dtype: torch.dtype, device: str, experts_impleme
     return model.to(device).eval()
 
 
+def _time_alternately(work: "Workload", dense, moe, impls: list[str], runs: int):
+    """`runs` timed runs of `work` (after one warm-up), dense and the MoE with each experts implementation in turn;
+    the medians: (dense, {implementation: MoE})."""
+    dense_t: list[tuple[float, float]] = []
+    moe_t: dict[str, list[tuple[float, float]]] = {i: [] for i in impls}
+    for run in range(runs + 1):  # run 0 is the warm-up
+        t = work.time_once(dense)
+        if run:
+            dense_t.append(t)
+        for impl in impls:
+            moe.set_experts_implementation(impl)
+            t = work.time_once(moe)
+            if run:
+                moe_t[impl].append(t)
+    return _median(dense_t), {i: _median(t) for i, t in moe_t.items()}
+
+
 def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, new_tokens: int, runs: int,
                dtype: torch.dtype, device: str, implementations: tuple[str, ...] = EXPERT_IMPLEMENTATIONS,
                trust_remote_code: bool = False, log=print) -> list[dict]:
@@ -201,20 +218,7 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
             log(f"experts implementation {impl}: unavailable ({str(exc).splitlines()[0][:120]})")
     rows = []
     for b in batches:
-        work = Workload(vocab, b, prompt, new_tokens, device, text)
-        dense_t: list[tuple[float, float]] = []
-        moe_t: dict[str, list[tuple[float, float]]] = {i: [] for i in impls}
-        for run in range(runs + 1):  # run 0 is the warm-up
-            t = work.time_once(dense)
-            if run:
-                dense_t.append(t)
-            for impl in impls:
-                moe.set_experts_implementation(impl)
-                t = work.time_once(moe)
-                if run:
-                    moe_t[impl].append(t)
-        d = _median(dense_t)
-        moe_tp = {i: _median(t) for i, t in moe_t.items()}
+        d, moe_tp = _time_alternately(Workload(vocab, b, prompt, new_tokens, device, text), dense, moe, impls, runs)
         best = max(moe_tp, key=lambda i: moe_tp[i].decode_tok_s)
         m = moe_tp[best]
         c = covered.get(b)
