@@ -428,3 +428,19 @@ def test_bench_speed_batch_must_be_positive_integers(batch, exported, tiny_llama
     line = cli_error(["bench", "speed", "--dense", str(tiny_llama_dir), "--moe", str(exported[1]), "--batch", batch],
                      capsys)
     assert "--batch takes comma-separated integers >= 1" in line
+
+
+def test_resume_of_a_checkpoint_from_before_a_new_setting(tmp_path):
+    """A checkpoint written before a setting existed resumes when the run leaves that setting at its default (the
+    old run behaved so); set otherwise, the resume is refused naming it."""
+    from dotmoe.config import ConvertConfig
+    from dotmoe.errors import DotMoeError
+    from dotmoe.resume_guards import check_resume_settings, settings_key
+
+    mine = settings_key(ConvertConfig(out=str(tmp_path)).to_dict())
+    older = {k: v for k, v in mine.items() if k != "hidden_weight"}
+    check_resume_settings(tmp_path / "checkpoint.pt", older, mine)  # no error
+    with pytest.raises(DotMoeError, match=r"other settings \(hidden_weight None -> 0.5\)"):
+        check_resume_settings(tmp_path / "checkpoint.pt", older, {**mine, "hidden_weight": 0.5})
+    with pytest.raises(DotMoeError, match=r"other settings \(seed 0 -> 1\)"):
+        check_resume_settings(tmp_path / "checkpoint.pt", older, {**mine, "seed": 1})

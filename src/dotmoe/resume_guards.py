@@ -160,13 +160,25 @@ def resume_key(cfg, *ignore: str) -> dict:
     return key
 
 
+def _is_default(name: str, value) -> bool:
+    """Whether `value` is ConvertConfig's default for setting `name`: a checkpoint written before the setting
+    existed ran with exactly that behaviour (e.g. `hidden_weight` 0.0: no layer term)."""
+    from dataclasses import MISSING, fields
+
+    from dotmoe.config import ConvertConfig
+
+    default = next((f.default for f in fields(ConvertConfig) if f.name == name), MISSING)
+    return default is not MISSING and value == default
+
+
 def check_resume_settings(path: Path, saved, mine: dict) -> None:
     """A checkpoint's recorded settings equal this run's; else a one-line error naming the ones that differ."""
     if not isinstance(saved, dict):
         raise DotMoeError(f"--resume: {path} records no settings (written by another dotmoe version?); rerun "
                           "with --overwrite to start over")
     changed = sorted(k for k in mine.keys() | saved.keys() if mine.get(k) != saved.get(k)
-                     and not (k == "data_sha256" and k not in saved))  # checkpoints from before data digests
+                     and not (k == "data_sha256" and k not in saved)  # checkpoints from before data digests
+                     and not (k not in saved and _is_default(k, mine[k])))  # a setting added since, left as it was
     if "data_sha256" in changed:
         raise DotMoeError(f"--resume: the data files changed since {path} was written (same paths, other "
                           "contents); resume with the data it was trained on, or start over with --overwrite")
