@@ -24,7 +24,7 @@ from dotmoe.compiled import compile_decoder_layers
 from dotmoe.config import ConvertConfig
 from dotmoe.data import batch_order
 from dotmoe.errors import DotMoeError
-from dotmoe.losses import distill_and_lm_loss, hidden_state_loss
+from dotmoe.losses import distillation_terms
 from dotmoe.perplexity import perplexity
 from dotmoe.precision import autocast
 
@@ -47,14 +47,12 @@ def _batch_terms(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, cf
             target = teacher.get_decoder()(input_ids=batch, output_hidden_states=layers_too) \
                 if cfg.kl_weight > 0 or layers_too else None
         out = student.get_decoder()(input_ids=batch, output_hidden_states=layers_too)
-        kl, ce = distill_and_lm_loss(out.last_hidden_state, target.last_hidden_state if cfg.kl_weight > 0 else None,
-                                     batch, student.get_output_embeddings(), cfg.kl_temperature, cfg.chunk_tokens,
-                                     ce_grad=cfg.ce_weight > 0, teacher_head=teacher.get_output_embeddings())
-        hid = hidden_state_loss(out.hidden_states, target.hidden_states) if layers_too else None
+        kl, ce, hid = distillation_terms(out, target, batch, student.get_output_embeddings(), cfg,
+                                         teacher_head=teacher.get_output_embeddings())
     loss = cfg.kl_weight * kl + cfg.ce_weight * ce
-    if layers_too:
+    if hid is not None:
         loss = loss + cfg.hidden_weight * hid
-    return {"loss": loss, "kl": kl, "ce": ce, **({"hidden": hid} if layers_too else {})}
+    return {"loss": loss, "kl": kl, "ce": ce, **({"hidden": hid} if hid is not None else {})}
 
 
 def _optimizer(student: nn.Module, teacher: nn.Module, cfg: ConvertConfig):

@@ -126,9 +126,25 @@ def hidden_state_loss(student_states: tuple[torch.Tensor, ...], teacher_states: 
     depth) do not outweigh the rest; fp32 sums whatever the states' dtype."""
     if len(student_states) != len(teacher_states) or len(student_states) < 2:
         raise ValueError(f"hidden states of {len(student_states)} and {len(teacher_states)} entries")
-    terms = [(s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
-             for s, t in zip(student_states[1:], teacher_states[1:])]
+    terms = []
+    for s, t in zip(student_states[1:], teacher_states[1:]):
+        t32 = t.detach().float()  # one fp32 copy of the teacher's layer output, not two
+        terms.append((s.float() - t32).pow(2).sum() / t32.pow(2).sum().clamp_min(1e-12))
     return torch.stack(terms).mean()
+
+
+def distillation_terms(student_out, teacher_out, input_ids: torch.Tensor, head: torch.nn.Linear, cfg,
+                       teacher_head: torch.nn.Linear | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(KL, CE, layer term or None) of a batch from the student's and the teacher's decoder outputs, as the
+    config's loss weights ask: the KL only with kl_weight > 0, CE differentiated only with ce_weight > 0, the
+    layer term (`hidden_state_loss`, from outputs with `hidden_states`) only with hidden_weight > 0. The joint
+    run and the pruned model's distillation both train on these."""
+    teacher_hidden = teacher_out.last_hidden_state if cfg.kl_weight > 0 else None
+    kl, ce = distill_and_lm_loss(student_out.last_hidden_state, teacher_hidden, input_ids, head, cfg.kl_temperature,
+                                 cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0, teacher_head=teacher_head)
+    hid = hidden_state_loss(student_out.hidden_states, teacher_out.hidden_states) if cfg.hidden_weight > 0 else None
+    return kl, ce, hid
 
 
 def router_z_loss(outputs: list[RouterOutput]) -> torch.Tensor:

@@ -18,8 +18,7 @@ from dotmoe.assignment import AssignmentStats, NeuronAssigner
 from dotmoe.compiled import compile_by_default
 from dotmoe.config import ConvertConfig
 from dotmoe.errors import DotMoeError
-from dotmoe.losses import (distill_and_lm_loss, expert_load_cv, hidden_state_loss, load_balancing_loss,
-                           router_z_loss)
+from dotmoe.losses import distillation_terms, expert_load_cv, load_balancing_loss, router_z_loss
 from dotmoe.moe_mlp import MoeMLP, moe_disabled, recorded_routing
 from dotmoe.precision import PrecisionChoice, choose_precision
 from dotmoe.prepare import Prepared, prepare
@@ -68,15 +67,12 @@ class MoeTrainingModule(nn.Module):
         with recorded_routing(self.moes) as routed:
             out = base(input_ids=input_ids, output_hidden_states=layers_too)
         self.routing = routed
-        teacher_hidden = teacher_out.last_hidden_state if cfg.kl_weight > 0 else None
-        kl, ce = distill_and_lm_loss(out.last_hidden_state, teacher_hidden, input_ids, head, cfg.kl_temperature,
-                                     cfg.chunk_tokens, ce_grad=cfg.ce_weight > 0,
-                                     teacher_head=None if self.teacher is None else self.teacher.get_output_embeddings())
+        kl, ce, hid = distillation_terms(out, teacher_out, input_ids, head, cfg, teacher_head=None
+                                         if self.teacher is None else self.teacher.get_output_embeddings())
         z, lb = router_z_loss(routed), load_balancing_loss(routed)
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce + cfg.z_weight * z + cfg.lb_weight * lb
         layer_terms = {}  # logged only when it trains
-        if layers_too:
-            hid = hidden_state_loss(out.hidden_states, teacher_out.hidden_states)
+        if hid is not None:
             loss, layer_terms = loss + cfg.hidden_weight * hid, {"hidden": hid.detach()}
         return {"loss": loss, "kl": kl.detach(), "ce": ce.detach(), **layer_terms, "z": z.detach(), "lb": lb.detach(),
                 "load_cv": torch.tensor(expert_load_cv(routed)), "marginal_error": torch.tensor(marginal_error)}
