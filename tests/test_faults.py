@@ -174,6 +174,34 @@ def test_resume_takes_the_checkpoints_auto_mixed_precision(tiny_llama_dir, tiny_
     assert real("auto", torch.device("cpu"), False)[0] == "no"  # no weights train: no autocast, whatever the probe
 
 
+def test_resume_takes_the_checkpoints_auto_precision(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
+    """`--precision auto` (bf16 frozen weights where the probe finds bf16 fast): a resume computes in the type its
+    checkpoint was computed in, even where a new probe would choose otherwise, and ends like the uninterrupted run."""
+    import dotmoe.joint_finish as finish
+    import dotmoe.precision as precision
+    from dotmoe.errors import Interrupted
+    from dotmoe.run_dir import CHECKPOINT
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: (False, "probe: fp32 faster"))
+    full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", tokens=0))
+    measure, out = finish.perplexity, tmp_path / "o"
+
+    def stop_at_the_final_evaluation(*args, desc="perplexity", **kw):
+        if desc == "perplexity (MoE)":
+            raise Interrupted()
+        return measure(*args, desc=desc, **kw)
+
+    monkeypatch.setattr(finish, "perplexity", stop_at_the_final_evaluation)
+    with pytest.raises(Interrupted):
+        convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0))
+    assert torch.load(out / CHECKPOINT, weights_only=True)["config"]["precision"] == "fp32"  # resolved, recorded
+    monkeypatch.setattr(finish, "perplexity", measure)
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: (True, "probe: bf16 faster"))
+    resumed = convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0, resume=True))
+    assert resumed.summary["precision"] == "fp32" and "as the checkpoint computed" in resumed.summary["precision_reason"]
+    assert resumed.record.val_ppl == full.record.val_ppl
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_layerwise_conversion_resumes_to_the_same_result(signum, layerwise_run, tmp_path):
     from dotmoe.run_dir import LAYERWISE_CHECKPOINT

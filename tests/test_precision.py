@@ -17,15 +17,21 @@ def test_auto_takes_bf16_only_when_the_probe_shows_it_fast(monkeypatch):
     rates = {torch.float32: 100.0}
     monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, device: rates[dtype])
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])  # no AMX: the probe decides
+    monkeypatch.setattr(precision, "_DECIDED", {})
     rates[torch.bfloat16] = 100.0 * BF16_MIN_SPEEDUP * 1.01  # an AMX-like CPU
     choice = choose_precision("auto", CPU, trains_weights=False)
     assert choice.dtype == torch.bfloat16 and "151.5 vs fp32 100.0 GFLOPS" in choice.reason
-    rates[torch.bfloat16] = 1.2  # emulated bf16 (AVX2 only)
+    rates[torch.bfloat16] = 1.2  # the same process probes once: a busy moment later does not flip the choice
+    assert choose_precision("auto", CPU, trains_weights=False) == choice
+    monkeypatch.setattr(precision, "_DECIDED", {})  # emulated bf16 (AVX2 only), in a new process
     choice = choose_precision("auto", CPU, trains_weights=False)
     assert choice.dtype == torch.float32 and "bf16 1.2 vs fp32 100.0 GFLOPS" in choice.reason
     assert choose_precision("auto", CPU, trains_weights=True).dtype == torch.float32  # fp32 master weights needed
     assert choose_precision("fp32", CPU, trains_weights=False).dtype == torch.float32
     assert choose_precision("bf16", CPU, trains_weights=False).dtype == torch.bfloat16
+    resumed = choose_precision("auto", CPU, trains_weights=False, recorded="bf16")  # the checkpoint's type
+    assert resumed.dtype == torch.bfloat16 and "as the checkpoint computed" in resumed.reason
+    assert choose_precision("fp32", CPU, trains_weights=False, recorded="bf16").dtype == torch.float32
     with pytest.raises(DotMoeError, match="trains only the router and assignment"):
         choose_precision("bf16", CPU, trains_weights=True)
     with pytest.raises(DotMoeError, match="precision must be one of"):
@@ -66,6 +72,7 @@ def test_an_amx_cpu_computes_in_bf16_however_busy_its_cores(monkeypatch):
 
     monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, device: 1.2 if dtype == torch.bfloat16 else 100.0)
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])
+    monkeypatch.setattr(precision, "_DECIDED", {})
     choice = choose_precision("auto", CPU, trains_weights=False)
     assert choice.dtype == torch.bfloat16 and "has amx_bf16" in choice.reason and "bf16 1.2 vs fp32 100.0" in choice.reason
     assert choose_precision("auto", CPU, trains_weights=True).dtype == torch.float32

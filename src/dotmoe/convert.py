@@ -10,7 +10,7 @@ import torch
 
 from dotmoe.config import ConvertConfig
 from dotmoe.conversion_result import ConvertResult
-from dotmoe.precision import MIXED_PRECISIONS, resolve_mixed_precision
+from dotmoe.precision import MIXED_PRECISIONS, choose_precision, resolve_mixed_precision
 from dotmoe.resume_guards import check_convert_output
 
 
@@ -24,19 +24,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
 
     return_large_blocks_to_the_system()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accelerate's device (_accelerator)
-    recorded = None
-    if cfg.resume and cfg.mixed_precision == "auto":  # the checkpoint's choice, not a new probe's
-        from dotmoe.resume_guards import resumed_setting
-
-        recorded = resumed_setting(cfg.out, "mixed_precision")
-    if recorded in MIXED_PRECISIONS and recorded != "auto":
-        mixed, why = recorded, f"mixed precision {recorded}, as the checkpoint was trained (auto, --resume)"
-    else:
-        mixed, why = resolve_mixed_precision(cfg.mixed_precision, device, cfg.steps > 0 and cfg.trains_weights)
-    if mixed != cfg.mixed_precision:  # auto resolved: the run, its checkpoint and its record hold the type used
-        cfg = cfg.derive(mixed_precision=mixed)
-        if progress:
-            print(f"dotmoe: {why}", flush=True)
+    cfg, precision = _resolve_auto_types(cfg, device, progress)
     if progress and cfg.steps:
         print(f"dotmoe: training {cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len:,} tokens after the "
               f"conversion (--tokens; --tokens 0 converts training-free)", flush=True)
@@ -51,7 +39,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
             from dotmoe.joint_recipe import train_joint
             from dotmoe.train import start_joint
 
-            begun = start_joint(cfg, progress)
+            begun = start_joint(cfg, progress, precision)
             if begun.cfg.method == "prune":  # pruning (+ distillation) from the same loaded model
                 from dotmoe.prune import prune_convert
 
@@ -62,3 +50,25 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
                 print(f"dotmoe: the run stopped before it saved a checkpoint; {cfg.out} holds its previous result "
                       "again", file=sys.stderr)
             raise
+
+
+def _resolve_auto_types(cfg: ConvertConfig, device: torch.device, progress: bool):
+    """`cfg` with `auto` mixed precision and precision resolved (the run, its checkpoint and its record hold the
+    types used), and the joint run's PrecisionChoice (None in layer-wise mode, which computes in fp32). A --resume
+    takes an auto choice from its checkpoint: a probe on busy cores must not change a resumed run's types."""
+    from dotmoe.resume_guards import resumed_setting
+
+    recorded = resumed_setting(cfg.out, "mixed_precision") if cfg.resume and cfg.mixed_precision == "auto" else None
+    if recorded in MIXED_PRECISIONS and recorded != "auto":
+        mixed, why = recorded, f"mixed precision {recorded}, as the checkpoint was trained (auto, --resume)"
+    else:
+        mixed, why = resolve_mixed_precision(cfg.mixed_precision, device, cfg.steps > 0 and cfg.trains_weights)
+    if mixed != cfg.mixed_precision:
+        cfg = cfg.derive(mixed_precision=mixed)
+        if progress:
+            print(f"dotmoe: {why}", flush=True)
+    if cfg.mode == "layerwise":
+        return cfg, None
+    recorded = resumed_setting(cfg.out, "precision") if cfg.resume and cfg.precision == "auto" else None
+    precision = choose_precision(cfg.precision, device, cfg.trains_weights, recorded)
+    return cfg.derive(precision=precision.name), precision

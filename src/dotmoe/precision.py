@@ -22,6 +22,9 @@ from dotmoe.errors import DotMoeError
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.5  # auto takes bf16 only when its probe matmul is at least this much faster than fp32
 _PROBE_SHAPE = (256, 512, 1024)  # tokens x d -> N: an FFN-like shape, ~0.27 GFLOP per call
+# one decision per device and process: the hardware does not change within it, and a second probe on cores busy with
+# other work could decide otherwise (seen: two conversions in one test compared across bf16 and fp32)
+_DECIDED: dict[str, tuple[bool, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,14 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, shape: tuple[int, in
 
 def fast_bf16(device: torch.device) -> tuple[bool, str]:
     """Whether `device` multiplies bf16 natively (CUDA with bf16; a CPU with amx_bf16, or whose probe matmul runs
-    bf16 at least BF16_MIN_SPEEDUP x fp32), and the measured reason in a few words."""
+    bf16 at least BF16_MIN_SPEEDUP x fp32), and the measured reason in a few words; probed once per process."""
+    key = str(device)
+    if key not in _DECIDED:
+        _DECIDED[key] = _probe_fast_bf16(device)
+    return _DECIDED[key]
+
+
+def _probe_fast_bf16(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return True, f"{torch.cuda.get_device_name(device)} has bf16"
@@ -83,11 +93,16 @@ def fast_bf16(device: torch.device) -> tuple[bool, str]:
     return bf16 >= BF16_MIN_SPEEDUP * fp32, measured
 
 
-def choose_precision(requested: str, device: torch.device, trains_weights: bool) -> PrecisionChoice:
+def choose_precision(requested: str, device: torch.device, trains_weights: bool,
+                     recorded: str | None = None) -> PrecisionChoice:
     """Resolve `--precision` (auto | fp32 | bf16) for a conversion on `device`; `trains_weights`: FFN or all
-    weights train (they need fp32 master copies, which the bf16 mode does not keep: such runs stay fp32)."""
+    weights train (they need fp32 master copies, which the bf16 mode does not keep: such runs stay fp32).
+    `recorded`: the type a resumed checkpoint computed in, which `auto` keeps instead of probing again."""
     if requested not in PRECISIONS:
         raise DotMoeError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested == "auto" and recorded in ("fp32", "bf16"):
+        dtype = torch.float32 if recorded == "fp32" else torch.bfloat16
+        return PrecisionChoice(recorded, dtype, f"{recorded}, as the checkpoint computed (auto, --resume)")
     if requested == "fp32":
         return PrecisionChoice("fp32", torch.float32, "fp32 as asked (--precision fp32)")
     if trains_weights:

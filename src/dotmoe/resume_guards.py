@@ -178,7 +178,8 @@ def check_resume_settings(path: Path, saved, mine: dict) -> None:
                           "with --overwrite to start over")
     changed = sorted(k for k in mine.keys() | saved.keys() if mine.get(k) != saved.get(k)
                      and not (k == "data_sha256" and k not in saved)  # checkpoints from before data digests
-                     and not (k not in saved and _is_default(k, mine[k])))  # a setting added since, left as it was
+                     and not (k not in saved and _is_default(k, mine[k]))  # a setting added since, left as it was
+                     and not (k == "precision" and saved.get(k) == "auto"))  # from before auto was recorded resolved
     if "data_sha256" in changed:
         raise DotMoeError(f"--resume: the data files changed since {path} was written (same paths, other "
                           "contents); resume with the data it was trained on, or start over with --overwrite")

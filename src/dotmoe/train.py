@@ -153,15 +153,17 @@ class JointStart:
     cfg: ConvertConfig
 
 
-def start_joint(cfg: ConvertConfig, progress: bool = True) -> JointStart:
-    """Set up accelerate and the seeds, choose the precision, load data and model (`prepare`), and resolve
-    activation checkpointing from the memory they need. Pruning goes on from here too (dotmoe.convert)."""
+def start_joint(cfg: ConvertConfig, progress: bool = True, precision: PrecisionChoice | None = None) -> JointStart:
+    """Set up accelerate and the seeds, choose the precision (unless `precision` holds the choice made), load data
+    and model (`prepare`), and resolve activation checkpointing from the memory they need. Pruning goes on from
+    here too (dotmoe.convert)."""
     from dotmoe.resources import StagePeaks
 
     accelerator = _accelerator(cfg)
     _seed_everything(cfg.seed)
     peaks = StagePeaks()
-    precision = choose_precision(cfg.precision, accelerator.device, cfg.trains_weights)
+    if precision is None:
+        precision = choose_precision(cfg.precision, accelerator.device, cfg.trains_weights)
     if progress:  # stdout: stderr holds only warnings and the one-line error of a failed run
         print(f"dotmoe: computing in {precision.reason}", flush=True)
     prep = prepare(cfg, precision.dtype)
