@@ -100,6 +100,10 @@ RECIPES = {
     "hidden-bf16": {"hidden_weight": 1.0, "mixed_precision": "bf16", "gradient_checkpointing": False},
     # the same at 10x: at weight 1 the layer term is ~0.04 beside a KL of ~0.86 (SmolLM2 at 50%, first steps)
     "hidden10-bf16": {"hidden_weight": 10.0, "mixed_precision": "bf16", "gradient_checkpointing": False},
+    # `bf16` on another structure: every neuron routed (no shared expert, none dropped; at 50% active the default
+    # drops as many neurons as it shares), from its own training-free start: neurons the training-free choice drops
+    # can never come back in training, the routed ones can
+    "all-routed-bf16": {"shared_fraction": 0.0, "mixed_precision": "bf16", "gradient_checkpointing": False},
 }
 
 
@@ -113,9 +117,20 @@ for _name, _recipe in RECIPES.items():
 
 def start_name(recipe: str) -> str | None:
     """The training-free run a recipe trains from (--init-from): `start` for DOT-MoE, `start-<method>` for another
-    MoE method, None for prune (its run prunes, then distils)."""
+    MoE method, `start-sf<fraction>` for another shared fraction, None for prune (its run prunes, then distils)."""
     method = RECIPES[recipe].get("method", "dotmoe")
-    return None if method == "prune" else "start" if method == "dotmoe" else f"start-{method}"
+    if method == "prune":
+        return None
+    name = "start" if method == "dotmoe" else f"start-{method}"
+    fraction = RECIPES[recipe].get("shared_fraction")
+    return name if fraction is None else f"{name}-sf{fraction:g}"
+
+
+def start_args(name: str) -> list[str]:
+    """The `dotmoe convert` options of the training-free start `name` (start_name)."""
+    parts = name.split("-sf")
+    method = ["--method", parts[0].removeprefix("start-")] if parts[0] != "start" else []
+    return method + (["--shared-fraction", parts[1]] if len(parts) > 1 else [])
 
 
 def run_name(recipe: str, tokens: int, seed: int) -> str:
@@ -276,8 +291,8 @@ def main() -> None:
     starts = {start_name(r) for r in args.recipes} | {"start"}
     for name in sorted(starts - {None}):
         if not args.report and not (runs / name / "COMPLETE").is_file():
-            method = ["--method", name.removeprefix("start-")] if name != "start" else []
-            run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, args.top_k, ["--overwrite", *method]),
+            run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, args.top_k,
+                            ["--overwrite", *start_args(name)]),
                 runs / f"{name}.log", 2)
 
     def one(recipe: str) -> None:
@@ -305,7 +320,8 @@ def main() -> None:
     saved = json.loads(dense_file.read_text()) if dense_file.is_file() else {}
     dense = saved["scores"] if saved.get("fingerprint") == key else dense_scores(model, 8192, cloze=False)
     dense_file.write_text(json.dumps({"fingerprint": key, "scores": dense}))
-    records = [record("start", start, None)]
+    records = [record("start", start, None)]  # and the other training-free starts (their recipes' first points)
+    records += [record(p.name, p, None) for p in sorted(runs.glob("start-*")) if (p / "COMPLETE").is_file()]
     finished = sorted(p.name for p in runs.iterdir() if (p / "COMPLETE").is_file() and p.name.split("__")[0] in RECIPES)
     for name in sorted(finished, key=lambda n: (list(RECIPES).index(n.split("__")[0]), n)):
         out = runs / name
