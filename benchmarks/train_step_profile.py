@@ -1,6 +1,6 @@
 """Where a training step's time goes on a real model: operators by self time (shapes, dtypes), page faults, RSS.
 
-    python benchmarks/train_step_profile.py --init-from RUN [--model DIR] [--steps 2] [--threads 2]
+    python benchmarks/train_step_profile.py --init-from RUN [--model DIR] [--top-k 2] [--steps 2] [--threads 2] [--data FILE ...]
         [--mixed-precision bf16] [--env NAME=VALUE ...]
 
 RUN is a finished training-free conversion of DIR (e.g. `out/train_recipes/<model>/start` of
@@ -28,10 +28,14 @@ def main() -> None:
     parser.add_argument("--model", default=str(Path.home() / ".cache/dotmoe/smollm2-135m-instruct"))
     parser.add_argument("--init-from", required=True, help="a training-free conversion of --model")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=2, help="the top-k RUN was converted with (E is 8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the training step (ConvertConfig.compile)")
+    parser.add_argument("--data", nargs="*", default=[],
+                        help="training text files (default: the bundled train split); a text of 8 sequences of 256 "
+                             "tokens makes every step after the first take the teacher's outputs from its cache")
     parser.add_argument("--env", nargs="*", default=[], help="NAME=VALUE added to the run's environment")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,9 +44,10 @@ def main() -> None:
                        f"compile: {str(args.compile).lower()}\n")
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DOTMOE_PROFILE": str(table),
                "DOTMOE_PROFILE_STEPS": str(args.steps), **dict(kv.split("=", 1) for kv in args.env)}
-        cmd = [sys.executable, "-m", "dotmoe.cli", "convert", "--model", args.model, "--experts", "8", "--top-k", "2",
+        cmd = [sys.executable, "-m", "dotmoe.cli", "convert", "--model", args.model, "--experts", "8", "--top-k", str(args.top_k),
                "--init-from", args.init_from, "--tokens", str((args.steps + 1) * 2048), "--eval-tokens", "2048",
                "--eval-every", "0", "--export-format", "none", "--config", str(cfg), "--out", str(Path(tmp, "run"))]
+        cmd += ["--data", *args.data] if args.data else []
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.time() - t0

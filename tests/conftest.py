@@ -153,11 +153,11 @@ def interrupt_training(monkeypatch):
             return
         calls = {"n": 0}
 
-        def dying_forward(self, input_ids, tau):
+        def dying_forward(self, input_ids, tau, **kwargs):
             calls["n"] += 1
             if calls["n"] == n:
                 raise KeyboardInterrupt
-            return original(self, input_ids, tau)
+            return original(self, input_ids, tau, **kwargs)
 
         monkeypatch.setattr(MoeTrainingModule, "forward", dying_forward)
 

@@ -126,11 +126,11 @@ def _interrupt_at_call(monkeypatch, n: int) -> None:
     """The n-th training forward sends this process SIGINT (as Ctrl-C would); the run stops after that step."""
     calls = {"n": 0}
 
-    def forward(self, input_ids, tau):
+    def forward(self, input_ids, tau, **kwargs):
         calls["n"] += 1
         if calls["n"] == n:
             os.kill(os.getpid(), signal.SIGINT)
-        return _original_forward(self, input_ids, tau)
+        return _original_forward(self, input_ids, tau, **kwargs)
 
     monkeypatch.setattr(MoeTrainingModule, "forward", forward)
 
@@ -271,11 +271,11 @@ def test_non_finite_step_is_reverted_logged_and_skipped(tiny_llama_dir, tiny_tex
     original = MoeTrainingModule.forward
     calls = {"n": 0}
 
-    def poisoned(self, input_ids, tau):
+    def poisoned(self, input_ids, tau, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:  # a router blows up mid-run
             self.moes[1].router.weight.data.fill_(float("nan"))
-        return original(self, input_ids, tau)
+        return original(self, input_ids, tau, **kwargs)
 
     monkeypatch.setattr(MoeTrainingModule, "forward", poisoned)
     res = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "o"), progress=False)
@@ -291,8 +291,8 @@ def test_non_finite_step_is_reverted_logged_and_skipped(tiny_llama_dir, tiny_tex
 def test_repeated_non_finite_steps_stop_with_a_clear_error(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
     original = MoeTrainingModule.forward
 
-    def always_nan(self, input_ids, tau):
-        terms = original(self, input_ids, tau)
+    def always_nan(self, input_ids, tau, **kwargs):
+        terms = original(self, input_ids, tau, **kwargs)
         terms["loss"] = terms["loss"] * float("nan")
         return terms
 

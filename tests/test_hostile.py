@@ -34,11 +34,11 @@ def _interrupt_at_call(monkeypatch, n: int, signum=signal.SIGINT) -> None:
     """The n-th training forward sends this process `signum` (as Ctrl-C or `kill` would)."""
     original, calls = MoeTrainingModule.forward, {"n": 0}
 
-    def forward(self, input_ids, tau):
+    def forward(self, input_ids, tau, **kwargs):
         calls["n"] += 1
         if calls["n"] == n:
             os.kill(os.getpid(), signum)
-        return original(self, input_ids, tau)
+        return original(self, input_ids, tau, **kwargs)
 
     monkeypatch.setattr(MoeTrainingModule, "forward", forward)
 

@@ -81,6 +81,33 @@ def test_fused_head_loss_gradients_match_autograd():
 
 
 
+def test_frozen_teacher_heads_autocast_copy_follows_its_weight():
+    """Under autocast the frozen teacher head's bf16 copy is reused across calls, but never once the weight changes
+    in place or another head is passed: each KL equals the one from an uncached (trainable) copy of that head."""
+    torch.manual_seed(0)
+    head, teacher = torch.nn.Linear(16, 50, bias=False), torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hs, ht = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    labels = torch.randint(0, 50, (2, 9))
+
+    def kl_of(teacher_head):
+        with torch.autocast("cpu", torch.bfloat16):
+            return distill_and_lm_loss(hs, ht, labels, head, chunk_tokens=5, teacher_head=teacher_head)[0]
+
+    def uncached(weight):
+        fresh = torch.nn.Linear(16, 50, bias=False)
+        fresh.weight.data.copy_(weight)
+        return kl_of(fresh)  # requires grad: cast at every call
+
+    first = kl_of(teacher)
+    assert first == uncached(teacher.weight) and kl_of(teacher) == first
+    with torch.no_grad():
+        teacher.weight.mul_(2.0)  # in place: the version counter moves
+    second = kl_of(teacher)
+    assert second == uncached(teacher.weight) and abs(float(second - first)) > 1e-3
+    other = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    assert kl_of(other) == uncached(other.weight) != second
+
+
 def test_hidden_state_loss_is_the_mean_relative_error_of_the_layers():
     torch.manual_seed(0)
     student = tuple(torch.randn(2, 5, 8) for _ in range(4))

@@ -109,6 +109,9 @@ class ConvertConfig:
     # tokens per LM-head chunk of the loss: at most chunk_tokens x vocab logits at once (SmolLM2, router+assignment
     # training: peak RSS 3,167 MB at 1024, 2,557 MB at 256, same loss and tokens/s)
     chunk_tokens: int = 256
+    # memory for the frozen teacher's outputs of the training sequences, reused in the passes after the first over a
+    # corpus smaller than the token budget (dotmoe.teacher_cache: same result, the teacher's forward skipped); 0: off
+    teacher_cache_mb: int = 2048
     # accelerate's autocast for training (no | bf16 | fp16; fp32 master weights and optimizer). auto: bf16 when the
     # model's weights train on hardware with fast bf16 (dotmoe.precision.resolve_mixed_precision), else no
     mixed_precision: str = "auto"

@@ -123,6 +123,8 @@ def check_combinations(cfg) -> None:
                  "calib_tokens", "eval_tokens", "checkpoint_every", "log_every", "max_bad_steps", "layer_steps"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise DotMoeError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.teacher_cache_mb < 0:
+        raise DotMoeError(f"teacher_cache_mb must be >= 0 (0: no teacher cache), got {cfg.teacher_cache_mb}")
     if min(cfg.tau_start, cfg.tau_end, cfg.kl_temperature) <= 0:
         raise DotMoeError("tau_start, tau_end and kl_temperature must be > 0")
     if min(cfg.kl_weight, cfg.ce_weight, cfg.hidden_weight, cfg.z_weight, cfg.lb_weight) < 0 or \

@@ -26,7 +26,8 @@ from dotmoe.data import batch_order
 from dotmoe.errors import DotMoeError
 from dotmoe.losses import distillation_terms
 from dotmoe.perplexity import perplexity
-from dotmoe.precision import autocast
+from dotmoe.precision import autocast, autocast_dtype
+from dotmoe.teacher_cache import TeacherCache, make_teacher_cache
 
 
 @dataclass
@@ -38,14 +39,21 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _batch_terms(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, cfg: ConvertConfig
-                 ) -> dict[str, torch.Tensor]:
-    """One micro-batch's loss (first) and its terms: KL to the teacher, CE, and with hidden_weight the layer term."""
+def _batch_terms(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, cfg: ConvertConfig,
+                 cache: TeacherCache | None = None, seq_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One micro-batch's loss (first) and its terms: KL to the teacher, CE, and with hidden_weight the layer term.
+    `cache`: the teacher's outputs by sequence index (`seq_ids`, the batch's indices)."""
     with autocast(cfg.mixed_precision, batch.device):  # as accelerate does in the joint run
         layers_too = cfg.hidden_weight > 0  # every layer's output, not only the last
+
+        def teacher_forward(ids):
+            return teacher.get_decoder()(input_ids=ids, output_hidden_states=layers_too)
+
         with torch.no_grad():
-            target = teacher.get_decoder()(input_ids=batch, output_hidden_states=layers_too) \
-                if cfg.kl_weight > 0 or layers_too else None
+            target = None
+            if cfg.kl_weight > 0 or layers_too:
+                target = teacher_forward(batch) if cache is None or seq_ids is None \
+                    else cache.teacher_output(teacher_forward, batch, seq_ids)
         out = student.get_decoder()(input_ids=batch, output_hidden_states=layers_too)
         kl, ce, hid = distillation_terms(out, target, batch, student.get_output_embeddings(), cfg,
                                          teacher_head=teacher.get_output_embeddings())
@@ -76,6 +84,7 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
     perplexity (first cfg.val_tokens of `eval_ids`) at the start and every cfg.eval_every steps. With cfg.keep_best
     the student ends with the weights of its best validation point."""
     optimizer, scheduler = _optimizer(student, teacher, cfg)
+    cache = make_teacher_cache(cfg, len(seqs), autocast_dtype(cfg.mixed_precision))
     order = batch_order(cfg, len(seqs))
     result, best = DistillResult(), None
     log = log_path.open("w") if log_path is not None else None
@@ -106,7 +115,7 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
             terms: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 idx = order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
-                batch_terms = _batch_terms(student, teacher, seqs[idx], cfg)
+                batch_terms = _batch_terms(student, teacher, seqs[idx], cfg, cache, idx)
                 if not torch.isfinite(batch_terms["loss"]):
                     raise DotMoeError(f"non-finite loss at step {step + 1} of the pruned model's distillation; "
                                       "lower --lr-weights or check the data")

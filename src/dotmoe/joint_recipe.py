@@ -154,9 +154,10 @@ class JointRecipe(JointSetup, JointFinish):
         finite = True
         for micro in range(cfg.grad_accum):
             idx = self.order[(step * cfg.grad_accum + micro) * cfg.batch_size:][: cfg.batch_size]
-            batch = self.prep.seqs[idx[rank::world]].to(accelerator.device)  # this process's share of the batch
+            mine = idx[rank::world]
+            batch = self.prep.seqs[mine].to(accelerator.device)  # this process's share of the batch
             with accelerator.accumulate(self.module):
-                terms = self.module(batch, self.tau)
+                terms = self.module(batch, self.tau, seq_ids=mine)
                 finite = bool(accelerator.gather(torch.isfinite(terms["loss"]).float().reshape(1)).min() > 0)
                 if not finite:  # decided jointly, so no process waits in a collective the others skip
                     break

@@ -21,6 +21,7 @@ from dotmoe.moe_mlp import install_moe, moe_disabled
 from dotmoe.precision import autocast_dtype
 from dotmoe.prepare import calibration_sequences, preflight
 from dotmoe.resume_guards import prepare_output
+from dotmoe.teacher_cache import make_teacher_cache
 from dotmoe.sharding import gathered, has_sharded_parameters, load_full_optimizer_state, load_full_state
 from dotmoe.train import MoeTrainingModule, refit_moe_down
 
@@ -101,6 +102,8 @@ class JointSetup:
         if cfg.compile and cfg.steps:
             compile_decoder_layers(model, *([self.teacher] if self.teacher is not None else []))
         module = MoeTrainingModule(model, self.assigner, moes, cfg, self.teacher)
+        if self.teacher is not None:  # the frozen copy's outputs never change (without it the teacher is the model)
+            module.teacher_cache = make_teacher_cache(cfg, len(self.prep.seqs), autocast_dtype(cfg.mixed_precision))
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
         # the scheduler is not prepared: accelerate would step it once per process, but batch_size is the global

@@ -6,10 +6,41 @@ most `chunk_tokens x vocab` logits exist at once and the backward recomputes not
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from dotmoe.router import RouterOutput
+
+
+_teacher_head_cast: list = [None, -1, None]  # (weakref to the teacher's head weight, its version, its autocast copy)
+
+
+def _frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype`, cast once while the weight is unchanged: the teacher's head is frozen, so its autocast copy
+    is reused across steps (the cast of a 49152 x 576 head is ~1% of a SmolLM2 step). Keyed by the tensor itself
+    (a weak reference, so a freed weight whose memory is reused never matches) and its in-place version counter."""
+    ref, version, cast = _teacher_head_cast
+    if ref is not None and ref() is weight and version == weight._version and cast.dtype == dtype:
+        return cast
+    cast = weight.detach().to(dtype)
+    _teacher_head_cast[:] = [weakref.ref(weight), weight._version, cast]
+    return cast
+
+
+def _teacher_head(weight: torch.Tensor, bias: torch.Tensor | None, device: str
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher head's weight and bias as the chunks use them: fp32, or under autocast in its dtype. Autocast
+    re-casts a detached weight at every chunk (it caches only leaves that require grad): cast once, to the very tensor
+    it would make (on SmolLM2, 7 casts of the 49152 x 576 head per step, ~4% of a step), and a frozen head once per
+    run (`_frozen_cast`)."""
+    b = None if bias is None else bias.detach().float()
+    if not torch.is_autocast_enabled(device):
+        return weight.detach().float(), b
+    dtype = torch.get_autocast_dtype(device)
+    w = weight.detach().to(dtype) if weight.requires_grad else _frozen_cast(weight, dtype)
+    return w, None if b is None else b.to(dtype)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -32,31 +63,28 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                  for name, wanted in (("kl", h_t is not None), ("ce", ce_grad))}
         w32 = weight.float()
         b32 = None if bias is None else bias.float()
-        tw = teacher_weight.detach().float()  # fp32, or the autocast dtype (below)
-        tb = None if teacher_bias is None else teacher_bias.detach().float()
-        device = h_s.device.type
-        if torch.is_autocast_enabled(device):
-            # autocast re-casts a detached weight at every chunk (it caches only leaves that require grad): cast once,
-            # to the very tensor it would make (on SmolLM2, 7 casts of the 49152 x 576 head per step, ~4% of a step)
-            tw = tw.to(torch.get_autocast_dtype(device))
-            tb = None if tb is None else tb.to(tw.dtype)
+        tw, tb = _teacher_head(teacher_weight, teacher_bias, h_s.device.type)
+        unit_t = temperature == 1.0  # the KL's student log-softmax is the CE's: computed once, no division by T
         for start in range(0, h_s.shape[0], chunk):
             sl = slice(start, start + chunk)
             hs = h_s[sl].float()
             logits_s = F.linear(hs, w32, b32)
+            y = labels[sl]
+            valid = y != -100
+            logp = F.log_softmax(logits_s, -1)
+            # gather every row, then keep the labelled ones: indexing rows by the mask first copies whole rows
+            ce_sum += -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)[valid].sum()
             g_logits = {}
             if h_t is not None:
-                logp_t = F.log_softmax(F.linear(h_t[sl].float(), tw, tb) / temperature, -1)
-                logp_s = F.log_softmax(logits_s / temperature, -1)
+                logits_t = F.linear(h_t[sl].float(), tw, tb)
+                logp_t = F.log_softmax(logits_t if unit_t else logits_t / temperature, -1)
+                logp_s = logp if unit_t else F.log_softmax(logits_s / temperature, -1)
                 p_t = logp_t.exp()
                 kl_sum += (p_t * (logp_t - logp_s)).sum()
                 if need_h or need_w or need_b:  # of sum p_t (log p_t - log q), q = softmax(s / T)
-                    g_logits["kl"] = (logp_s.exp_() - p_t) / temperature
-                del logp_t, logp_s, p_t
-            y = labels[sl]
-            logp = F.log_softmax(logits_s, -1)
-            valid = y != -100
-            ce_sum += -logp[valid].gather(-1, y[valid].unsqueeze(-1)).sum()
+                    q = logp_s.exp() if unit_t and ce_grad else logp_s.exp_()  # logp is still the CE's below
+                    g_logits["kl"] = q.sub_(p_t) if unit_t else (q - p_t) / temperature
+                del logits_t, logp_t, logp_s, p_t
             if ce_grad:
                 g = logp.exp_()  # softmax(s) - onehot(y), 0 on ignored positions
                 rows = valid.nonzero().squeeze(-1)
@@ -70,10 +98,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     slot[0][sl] = (g @ w32).to(h_s.dtype)
                 if need_w:
                     gw = g.t() @ hs
-                    slot[1] = gw if slot[1] is None else slot[1] + gw
+                    slot[1] = gw if slot[1] is None else slot[1].add_(gw)
                 if need_b:
                     gb = g.sum(0)
-                    slot[2] = gb if slot[2] is None else slot[2] + gb
+                    slot[2] = gb if slot[2] is None else slot[2].add_(gb)
         ctx.grads = grads
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return kl_sum, ce_sum
@@ -101,9 +129,10 @@ def distill_and_lm_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
 
     `student_hidden`/`teacher_hidden` are final hidden states [B, T, d]; `labels` [B, T] are the input ids
     (shifted here). Positions with label -100 are ignored by the cross-entropy. At most `chunk_tokens x vocab`
-    logits exist at once; logits and softmaxes are fp32 whatever the hidden states' dtype. `ce_grad=False`: the
-    cross-entropy is returned without a gradient (cheaper when its loss weight is 0). The teacher's logits come from
-    `teacher_head` (default: `lm_head`) and are a fixed target: no gradient flows through them.
+    logits exist at once; logits and softmaxes are fp32, or under autocast in its dtype (a SmolLM2 step's head, its
+    matmuls and log-softmaxes in bf16, costs ~1.8 s of 7.6: `benchmarks/train_step_profile.py`). `ce_grad=False`:
+    the cross-entropy is returned without a gradient (cheaper when its loss weight is 0). The teacher's logits come
+    from `teacher_head` (default: `lm_head`) and are a fixed target: no gradient flows through them.
     """
     d = student_hidden.shape[-1]
     h_s = student_hidden[:, :-1].reshape(-1, d)

@@ -20,9 +20,10 @@ from dotmoe.run_dir import (CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT, LAYERWIS
 # settings that change where or how a run is written or computed, never its result: a resume may change them
 # (gradient checkpointing recomputes the same forward: bit-identical, tests/test_training_memory.py; compile runs
 # the same step with fused kernels: the float rounding of the steps after the resume may differ, nothing else;
-# auto resolves it only once the model is loaded, after the resume check)
+# auto resolves it only once the model is loaded, after the resume check; the teacher cache gives the numbers the
+# teacher would: bit-identical, tests/test_teacher_cache.py)
 RUN_ONLY_SETTINGS = ("out", "resume", "overwrite", "checkpoint_every", "export_format", "log_every",
-                     "gradient_checkpointing", "compile")
+                     "gradient_checkpointing", "compile", "teacher_cache_mb")
 
 
 def output_state(out: str | Path) -> str:

@@ -23,6 +23,7 @@ from dotmoe.moe_mlp import MoeMLP, moe_disabled, recorded_routing
 from dotmoe.precision import PrecisionChoice, choose_precision
 from dotmoe.prepare import Prepared, prepare
 from dotmoe.router import RouterOutput
+from dotmoe.teacher_cache import TeacherCache
 from dotmoe.training_memory import check_training_memory, use_gradient_checkpointing
 
 if TYPE_CHECKING:  # accelerate and the stage peaks load lazily, when a run starts
@@ -40,6 +41,7 @@ class MoeTrainingModule(nn.Module):
         self.model, self.assigner, self.cfg = model, assigner, cfg
         self.moes = moes
         self.teacher = teacher  # a frozen copy, only when the FFN weights themselves are trained
+        self.teacher_cache: TeacherCache | None = None  # the copy's outputs by sequence (set by the run's setup)
         self.routing: list[RouterOutput | None] = []  # each layer's router output in the last forward (for reports)
         # accelerate's FSDP auto-wrap reads the decoder layer class from here: one FSDP unit per decoder layer
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
@@ -51,7 +53,9 @@ class MoeTrainingModule(nn.Module):
             moe.assignment = matrices[layer]
         return stats
 
-    def forward(self, input_ids: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, tau: float, seq_ids: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """The batch's loss terms; `seq_ids`: the batch's sequence indices, for the teacher cache."""
         cfg = self.cfg
         marginal_error = self.set_assignment(tau).marginal_error
         base, head = self.model.get_decoder(), self.model.get_output_embeddings()
@@ -60,7 +64,11 @@ class MoeTrainingModule(nn.Module):
         if cfg.kl_weight > 0 or layers_too:
             with torch.no_grad():
                 if self.teacher is not None:
-                    teacher_out = self.teacher.get_decoder()(input_ids=input_ids, output_hidden_states=layers_too)
+                    def teacher_forward(ids):
+                        return self.teacher.get_decoder()(input_ids=ids, output_hidden_states=layers_too)
+
+                    teacher_out = teacher_forward(input_ids) if self.teacher_cache is None or seq_ids is None \
+                        else self.teacher_cache.teacher_output(teacher_forward, input_ids, seq_ids)
                 else:
                     with moe_disabled(self.model):
                         teacher_out = base(input_ids=input_ids, output_hidden_states=layers_too)
