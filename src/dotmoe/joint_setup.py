@@ -21,8 +21,8 @@ from dotmoe.moe_mlp import install_moe, moe_disabled
 from dotmoe.precision import autocast_dtype
 from dotmoe.prepare import calibration_sequences, preflight
 from dotmoe.resume_guards import prepare_output
-from dotmoe.teacher_cache import make_teacher_cache
 from dotmoe.sharding import gathered, has_sharded_parameters, load_full_optimizer_state, load_full_state
+from dotmoe.teacher_cache import make_teacher_cache
 from dotmoe.train import MoeTrainingModule, refit_moe_down
 
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from dotmoe.router import RouterOutput
 
-
 _teacher_head_cast: list = [None, -1, None]  # (weakref to the teacher's head weight, its version, its autocast copy)
 
 
