@@ -36,12 +36,14 @@ def main() -> None:
     parser.add_argument("--data", nargs="*", default=[],
                         help="training text files (default: the bundled train split); a text of 8 sequences of 256 "
                              "tokens makes every step after the first take the teacher's outputs from its cache")
+    parser.add_argument("--teacher-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the teacher's outputs for revisited sequences (ConvertConfig.teacher_cache_mb)")
     parser.add_argument("--env", nargs="*", default=[], help="NAME=VALUE added to the run's environment")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg, table = Path(tmp, "cfg.yaml"), Path(tmp, "profile.md")
         cfg.write_text(f"mixed_precision: {args.mixed_precision}\ngradient_checkpointing: false\n"
-                       f"compile: {str(args.compile).lower()}\n")
+                       f"compile: {str(args.compile).lower()}\n" + ("" if args.teacher_cache else "teacher_cache_mb: 0\n"))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DOTMOE_PROFILE": str(table),
                "DOTMOE_PROFILE_STEPS": str(args.steps), **dict(kv.split("=", 1) for kv in args.env)}
         cmd = [sys.executable, "-m", "dotmoe.cli", "convert", "--model", args.model, "--experts", "8", "--top-k", str(args.top_k),
