@@ -31,11 +31,15 @@ def test_cache_keeps_rows_within_its_budget_and_hits_only_whole_batches():
     assert len(calls) == 1 and (cache.hits, cache.misses) == (2, 2)
 
 
-def test_cache_is_made_only_where_a_run_revisits_sequences():
+def test_cache_is_made_only_where_a_run_revisits_sequences(monkeypatch):
+    import dotmoe.training_memory
     from dotmoe.config import ConvertConfig
 
     base = dict(model="m", experts=4, top_k=2, seq_len=32, batch_size=4, tokens=10 * 4 * 32)
-    assert make_teacher_cache(ConvertConfig(**base), 30, None) is not None  # 40 sequences seen, 30 distinct
+    cache = make_teacher_cache(ConvertConfig(**base), 30, None)  # 40 sequences seen, 30 distinct
+    assert cache is not None and cache.budget_bytes <= 2048 << 20
+    monkeypatch.setattr(dotmoe.training_memory, "available_memory", lambda device: 50 << 20)
+    assert make_teacher_cache(ConvertConfig(**base), 30, None).budget_bytes == 5 << 20  # a tenth of what is free
     assert make_teacher_cache(ConvertConfig(**base), 40, None) is None  # every sequence once
     assert make_teacher_cache(ConvertConfig(**base, teacher_cache_mb=0), 30, None) is None
     assert make_teacher_cache(ConvertConfig(**base, hidden_weight=1.0), 30, None) is None  # needs every layer

@@ -84,7 +84,7 @@ def distill_dense(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, ev
     perplexity (first cfg.val_tokens of `eval_ids`) at the start and every cfg.eval_every steps. With cfg.keep_best
     the student ends with the weights of its best validation point."""
     optimizer, scheduler = _optimizer(student, teacher, cfg)
-    cache = make_teacher_cache(cfg, len(seqs), autocast_dtype(cfg.mixed_precision))
+    cache = make_teacher_cache(cfg, len(seqs), autocast_dtype(cfg.mixed_precision), seqs.device)
     order = batch_order(cfg, len(seqs))
     result, best = DistillResult(), None
     log = log_path.open("w") if log_path is not None else None

@@ -103,7 +103,8 @@ class JointSetup:
             compile_decoder_layers(model, *([self.teacher] if self.teacher is not None else []))
         module = MoeTrainingModule(model, self.assigner, moes, cfg, self.teacher)
         if self.teacher is not None:  # the frozen copy's outputs never change (without it the teacher is the model)
-            module.teacher_cache = make_teacher_cache(cfg, len(self.prep.seqs), autocast_dtype(cfg.mixed_precision))
+            module.teacher_cache = make_teacher_cache(cfg, len(self.prep.seqs), autocast_dtype(cfg.mixed_precision),
+                                                      self.accelerator.device)
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
         # the scheduler is not prepared: accelerate would step it once per process, but batch_size is the global

@@ -60,10 +60,20 @@ class TeacherCache:
         return out
 
 
-def make_teacher_cache(cfg, num_sequences: int, autocast_dtype: torch.dtype | None) -> TeacherCache | None:
+# the cache takes at most this share of the memory free when the run starts (beside `teacher_cache_mb`), so that
+# it never decides whether a run fits: the training-memory estimate (dotmoe.training_memory) leaves it out
+MAX_SHARE_OF_FREE_MEMORY = 0.1
+
+
+def make_teacher_cache(cfg, num_sequences: int, autocast_dtype: torch.dtype | None,
+                       device: torch.device | None = None) -> TeacherCache | None:
     """The cache for a run, or None where it cannot help or would change the result: `teacher_cache_mb` 0, no KL
-    term, a layer term (it needs every layer's output), or a run that sees no sequence twice."""
+    term, a layer term (it needs every layer's output), or a run that sees no sequence twice. Its budget:
+    `teacher_cache_mb`, at most MAX_SHARE_OF_FREE_MEMORY of the memory free on `device` (default CPU) now."""
+    from dotmoe.training_memory import available_memory
+
     seen = cfg.steps * cfg.batch_size * cfg.grad_accum
     if cfg.teacher_cache_mb <= 0 or cfg.kl_weight <= 0 or cfg.hidden_weight > 0 or seen <= num_sequences:
         return None
-    return TeacherCache(cfg.teacher_cache_mb << 20, autocast_dtype)
+    free = available_memory(device or torch.device("cpu"))
+    return TeacherCache(max(1, min(cfg.teacher_cache_mb << 20, int(MAX_SHARE_OF_FREE_MEMORY * free))), autocast_dtype)
