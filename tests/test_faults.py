@@ -174,6 +174,22 @@ def test_resume_takes_the_checkpoints_auto_mixed_precision(tiny_llama_dir, tiny_
     assert real("auto", torch.device("cpu"), False)[0] == "no"  # no weights train: no autocast, whatever the probe
 
 
+def _stop_at_the_final_evaluation(monkeypatch):
+    """The run's final MoE evaluation raises Interrupted (a stop there); returns the real perplexity to restore."""
+    import dotmoe.joint_finish as finish
+    from dotmoe.errors import Interrupted
+
+    measure = finish.perplexity
+
+    def stop(*args, desc="perplexity", **kw):
+        if desc == "perplexity (MoE)":
+            raise Interrupted()
+        return measure(*args, desc=desc, **kw)
+
+    monkeypatch.setattr(finish, "perplexity", stop)
+    return measure
+
+
 def test_resume_takes_the_checkpoints_auto_precision(tiny_llama_dir, tiny_text, tmp_path, monkeypatch):
     """`--precision auto` (bf16 frozen weights where the probe finds bf16 fast): a resume computes in the type its
     checkpoint was computed in, even where a new probe would choose otherwise, and ends like the uninterrupted run."""
@@ -184,14 +200,8 @@ def test_resume_takes_the_checkpoints_auto_precision(tiny_llama_dir, tiny_text, 
 
     monkeypatch.setattr(precision, "fast_bf16", lambda device: (False, "probe: fp32 faster"))
     full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", tokens=0))
-    measure, out = finish.perplexity, tmp_path / "o"
-
-    def stop_at_the_final_evaluation(*args, desc="perplexity", **kw):
-        if desc == "perplexity (MoE)":
-            raise Interrupted()
-        return measure(*args, desc=desc, **kw)
-
-    monkeypatch.setattr(finish, "perplexity", stop_at_the_final_evaluation)
+    out = tmp_path / "o"
+    measure = _stop_at_the_final_evaluation(monkeypatch)
     with pytest.raises(Interrupted):
         convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0))
     assert torch.load(out / CHECKPOINT, weights_only=True)["config"]["precision"] == "fp32"  # resolved, recorded
@@ -232,14 +242,7 @@ def test_training_free_run_stopped_after_its_refit_resumes_from_it(tiny_llama_di
 
     full = convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", tokens=0))
     out = tmp_path / "stopped"
-    measure = finish.perplexity
-
-    def stop_at_the_final_evaluation(*args, desc="perplexity", **kw):
-        if desc == "perplexity (MoE)":
-            raise Interrupted()
-        return measure(*args, desc=desc, **kw)
-
-    monkeypatch.setattr(finish, "perplexity", stop_at_the_final_evaluation)
+    measure = _stop_at_the_final_evaluation(monkeypatch)
     with pytest.raises(Interrupted):
         convert(_cfg(tiny_llama_dir, tiny_text, out, tokens=0))
     assert output_state(out) == "resumable" and not (out / "dotmoe_meta.json").exists()
