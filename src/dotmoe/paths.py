@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DATA_SPLITS = ("train_sample", "validation", "test", "wiki_train", "wiki_validation", "wiki_test", "news_test")
+DATA_SPLITS = ("train_sample", "validation", "test", "wiki_train", "wiki_validation", "wiki_test", "news_test",
+               "austen_train")
 # which bundled split a command reads when no data is given: Python-docs text for the bundled reference model (its
 # training domain), general English (Wikipedia; scripts/make_general_english.py) for any other model
 _DEFAULT_SPLITS = {"train": ("train_sample", "wiki_train"), "validation": ("validation", "wiki_validation"),
@@ -19,8 +20,9 @@ def reference_model_dir() -> Path:
 
 def reference_data_file(split: str = "validation") -> Path:
     """Bundled text split: 'train_sample' (for conversion), 'validation' or 'test' (Python docs, the reference
-    model's domain); 'wiki_train', 'wiki_validation', 'wiki_test' (general English: Wikipedia articles) or
-    'news_test' (held-out news articles)."""
+    model's domain); 'wiki_train', 'wiki_validation', 'wiki_test' (general English: Wikipedia articles),
+    'news_test' (held-out news articles) or 'austen_train' (more general-English training text: Jane Austen's
+    novels, scripts/make_austen_text.py)."""
     if split not in DATA_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(DATA_SPLITS)}")
     return ASSETS / "data" / f"{split}.txt"
