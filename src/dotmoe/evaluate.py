@@ -1,6 +1,6 @@
 """`dotmoe eval`: perplexity, per-layer FFN reconstruction error, router statistics and lm-eval tasks.
 
-Protocol (documented in the README):
+Protocol (documented in docs/real-checkpoints.md, "Evaluation"):
 - Perplexity: strided windows (seq_len 256, stride 128) over the first `tokens` tokens of held-out text (default:
   the bundled *test* split, disjoint from the calibration/training sample and from the validation text that
   conversion reports).
