@@ -238,7 +238,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], task_dir: str = "",
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Run every evaluation that applies and return (and optionally write) a JSON-able report."""
-    from dotmoe.data import load_texts, tokenize_stream
+    from dotmoe.data import TextFiles, tokenize_stream
     from dotmoe.paths import default_data_file
     from dotmoe.perplexity import perplexity
 
@@ -251,7 +251,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         resolve_tasks(cfg.tasks, cfg.task_dir)
     model, tok = _load(cfg.model, cfg.trust_remote_code)
     base = cfg.dense or getattr(model.config, "dotmoe", {}).get("base_model") or cfg.model
-    texts = load_texts(cfg.data or [str(default_data_file("test", base))])
+    texts = TextFiles(cfg.data or [str(default_data_file("test", base))])
     ids = tokenize_stream(tok, texts, max_tokens=cfg.tokens)
     if len(ids) < MIN_EVAL_TOKENS:
         raise DotMoeError(f"evaluation data {', '.join(cfg.data) or 'the bundled test text'} has {len(ids)} tokens; "

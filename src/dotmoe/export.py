@@ -295,7 +295,7 @@ def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: i
     """Logits of the reloaded export vs the training-time sparse model (fp32) on validation text."""
     from transformers import AutoModelForCausalLM
 
-    from dotmoe.data import load_texts, tokenize_stream
+    from dotmoe.data import TextFiles, tokenize_stream
     from dotmoe.paths import default_data_file
     from dotmoe.sparse_model import load_sparse_model
 
@@ -305,7 +305,7 @@ def check_export(convert_dir: Path, model_dir: Path, plan: ExportPlan, tokens: i
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=plan.custom)
     exported.eval()
     base = conv.record.base_model
-    ids = tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", base))]), tokens).unsqueeze(0)
+    ids = tokenize_stream(tokenizer, TextFiles([str(default_data_file("validation", base))]), tokens).unsqueeze(0)
     a = reference(input_ids=ids).logits
     b = exported(input_ids=ids).logits
     return {"tokens": ids.shape[1], "max_abs_logit_diff": float((a - b).abs().max()),

@@ -31,7 +31,7 @@ from dotmoe.architecture import check_checkpoint_names, check_model_dir, find_ga
 from dotmoe.artifacts import save_conversion
 from dotmoe.assignment import NeuronAssigner
 from dotmoe.config import ConvertConfig
-from dotmoe.data import load_texts, pack_sequences, tokenize_stream
+from dotmoe.data import TextFiles, tokenize_stream, training_sequences
 from dotmoe.errors import DotMoeError, Interrupted
 from dotmoe.export import TensorSource
 from dotmoe.guards import check_seq_len
@@ -195,7 +195,7 @@ def _load_and_check(cfg: ConvertConfig, out: Path) -> _LayerwiseInputs:
     from dotmoe.paths import default_data_file, reference_model_dir
     from dotmoe.prepare import calibration_sequences, check_eval_tokens, preflight
 
-    texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
+    texts = TextFiles(cfg.data or [str(default_data_file("train", cfg.model))])
     model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     check_model_dir(model_path, require_dense=True)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
@@ -212,10 +212,10 @@ def _load_and_check(cfg: ConvertConfig, out: Path) -> _LayerwiseInputs:
     if len(tokenizer) > config.vocab_size:
         raise DotMoeError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
     check_seq_len(cfg.seq_len, config, "--seq-len")
-    seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
+    seqs = training_sequences(tokenizer, texts, cfg)
     calib = calibration_sequences(seqs, cfg)
     if cfg.global_tokens:  # the global phase's evaluation data, checked before hours of layer-wise work
-        eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
+        eval_texts = TextFiles(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
         check_eval_tokens(len(tokenize_stream(tokenizer, eval_texts, cfg.eval_tokens)), cfg.eval_data)
     src = TensorSource(model_path, None)
     check_checkpoint_names(model_path, skeleton, src.names())

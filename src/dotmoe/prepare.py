@@ -12,7 +12,7 @@ from torch import nn
 
 from dotmoe.architecture import find_gated_mlps, load_causal_lm
 from dotmoe.config import ConvertConfig
-from dotmoe.data import load_texts, pack_sequences, tokenize_stream
+from dotmoe.data import TextFiles, tokenize_stream, training_sequences
 from dotmoe.errors import DotMoeError
 from dotmoe.guards import check_finite, check_seq_len, write_probe
 from dotmoe.layer_runner import map_layer_inputs
@@ -84,8 +84,8 @@ def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
     from dotmoe.gguf_input import resolve_model
     from dotmoe.paths import default_data_file, reference_model_dir
 
-    texts = load_texts(cfg.data or [str(default_data_file("train", cfg.model))])
-    eval_texts = load_texts(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
+    texts = TextFiles(cfg.data or [str(default_data_file("train", cfg.model))])
+    eval_texts = TextFiles(cfg.eval_data or [str(default_data_file("validation", cfg.model))])
     model_path = resolve_model(cfg.model or reference_model_dir())  # a .gguf: its dequantized HF directory
     model, tokenizer = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                       require_dense=True)
@@ -97,7 +97,7 @@ def prepare(cfg: ConvertConfig, dtype: torch.dtype = torch.float32) -> Prepared:
     cfg.validate_for(mlps[0].gate_proj.out_features)
     check_seq_len(cfg.seq_len, model.config, "--seq-len")
     check_finite(model.named_parameters(), f"the input model {model_path}")
-    seqs = pack_sequences(tokenize_stream(tokenizer, texts), cfg.seq_len)
+    seqs = training_sequences(tokenizer, texts, cfg)
     if len(seqs) < cfg.batch_size:
         raise DotMoeError(f"data too short: {len(seqs)} sequences of {cfg.seq_len} tokens, need >= batch size "
                           f"{cfg.batch_size}")

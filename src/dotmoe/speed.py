@@ -244,11 +244,11 @@ def validation_ids(dense_dir: str | Path) -> torch.Tensor:
     """COVERAGE_TOKENS ids of the bundled validation text (the general-English split for a real model)."""
     from transformers import AutoTokenizer
 
-    from dotmoe.data import load_texts, tokenize_stream
+    from dotmoe.data import TextFiles, tokenize_stream
     from dotmoe.paths import default_data_file
 
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-    return tokenize_stream(tokenizer, load_texts([str(default_data_file("validation", dense_dir))]), COVERAGE_TOKENS)
+    return tokenize_stream(tokenizer, TextFiles([str(default_data_file("validation", dense_dir))]), COVERAGE_TOKENS)
 
 
 def measure_coverage(moe, ids: torch.Tensor, batches: list[int]) -> list:
