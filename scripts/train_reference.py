@@ -14,11 +14,11 @@ from dataclasses import replace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dotmoe.corpus import read_info_nodes, split_corpus
+from dotmoe_dev.corpus import read_info_nodes, split_corpus
 from dotmoe.data import tokenize_stream
 from dotmoe.paths import ASSETS, reference_data_file, reference_model_dir
 from dotmoe.perplexity import perplexity
-from dotmoe.reference import ReferenceConfig, train_reference, unigram_perplexity
+from dotmoe_dev.reference import ReferenceConfig, train_reference, unigram_perplexity
 
 PROMPTS = ["The Python Tutorial", "A list comprehension", "def main():\n", "The garbage collector"]
 

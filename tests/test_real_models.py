@@ -6,7 +6,7 @@ import pytest
 import torch
 from gguf_writer import write_llama_gguf
 
-import dotmoe.real_models as rm
+import dotmoe_dev.real_models as rm
 from dotmoe.errors import DotMoeError
 from dotmoe.gguf_input import cache_root, sha256_file
 

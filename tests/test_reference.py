@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from dotmoe.data import tokenize_stream
 from dotmoe.paths import reference_data_file, reference_model_dir
 from dotmoe.perplexity import perplexity
-from dotmoe.reference import unigram_perplexity
+from dotmoe_dev.reference import unigram_perplexity
 
 
 def test_reference_model_loads_and_beats_unigram(monkeypatch):
@@ -23,7 +23,7 @@ def test_reference_model_loads_and_beats_unigram(monkeypatch):
 
 def test_corpus_split_puts_each_node_in_exactly_one_split(tmp_path):
     """The protocol: nodes of the info file are split whole, deterministically, index nodes dropped."""
-    from dotmoe.corpus import read_info_nodes, split_corpus, split_of
+    from dotmoe_dev.corpus import read_info_nodes, split_corpus, split_of
 
     names = [f"Section {i}" for i in range(400)]
     body = "".join(f"\x1f\nFile: x.info,  Node: {n},  Next: y\n\ntext of {n}\n" for n in names)

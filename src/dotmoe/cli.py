@@ -213,16 +213,6 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
     print(f"{len(texts)} samples -> {write_texts(texts, args.out)}")
 
 
-def cmd_train_reference(args: argparse.Namespace) -> None:
-    import runpy
-
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train_reference.py"
-    if not script.is_file():
-        raise DotMoeError("scripts/train_reference.py is only in a source checkout")
-    sys.argv = [str(script), "--steps", str(args.steps)]
-    runpy.run_path(str(script), run_name="__main__")
-
-
 def build_parser():
     """The `dotmoe` parser, each command bound to its `cmd_*` function here."""
     from dotmoe.cli_parser import build_parser as parser_for

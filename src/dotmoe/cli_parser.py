@@ -147,7 +147,7 @@ def _add_model_commands(sub, handlers: dict[str, Callable]) -> None:
 
 
 def _add_helper_commands(sub, handlers: dict[str, Callable]) -> None:
-    """demo, sample-data, info and train-reference."""
+    """demo, sample-data and info."""
     p = sub.add_parser("demo", help="DOT-MoE vs random split on the bundled reference model")
     p.add_argument("--out", default="out/demo")
     # 64 steps of 8 x 256 with every weight training: about 6 minutes a method on 2 cores (500k took ~20)
@@ -172,9 +172,6 @@ def _add_helper_commands(sub, handlers: dict[str, Callable]) -> None:
     p.set_defaults(func=handlers["sample_data"])
     p = sub.add_parser("info", help="paths and numbers of the bundled reference model and data")
     p.set_defaults(func=handlers["info"])
-    p = sub.add_parser("train-reference", help="retrain the bundled reference model (source checkout)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.set_defaults(func=handlers["train_reference"])
 
 
 def build_parser(handlers: dict[str, Callable]) -> argparse.ArgumentParser:

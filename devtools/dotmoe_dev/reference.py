@@ -1,6 +1,6 @@
 """Train the bundled reference model: byte-level BPE tokenizer + small LlamaForCausalLM, on CPU.
 
-Everything is seeded; `dotmoe train-reference` (or scripts/train_reference.py) reproduces it.
+Everything is seeded; `python scripts/train_reference.py` reproduces it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dotmoe.corpus import DEFAULT_INFO, read_info_nodes, split_corpus
+from dotmoe_dev.corpus import DEFAULT_INFO, read_info_nodes, split_corpus
 from dotmoe.data import tokenize_stream
 
 EOS = "</s>"
