@@ -16,21 +16,17 @@ are the only gaps). Results: benchmarks/results/gemma_export.md.
 """
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 
 def main() -> None:
-    from conftest import save_tiny_gemma3
-    from test_export import fake_conversion
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     from dotmoe.sparse_model import load_sparse_model
+    from dotmoe_dev.tiny_models import fake_conversion, save_tiny_gemma3
 
     tmp = Path(tempfile.mkdtemp())
     dense_dir = save_tiny_gemma3(tmp / "dense", layers=2)

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dotmoe_dev.bench import OracleMLP, OracleRouter, model_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def relative_error(y: torch.Tensor, y_hat: torch.Tensor) -> float:
@@ -64,7 +65,6 @@ class Moe:
     def oracle(self, part: torch.Tensor, tokens: slice = slice(None)):
         """`refit_ablation.OracleRouter`'s output on the layer's tokens: logits = each expert's contribution norm,
         gates = the top-k of them."""
-        from refit_ablation import OracleRouter
 
         return OracleRouter(self.layer.mlp, part, self.top_k, self.experts)(self.layer.x[tokens])
 
@@ -107,9 +107,9 @@ def classifier_router(moe: Moe, part: torch.Tensor, init: torch.Tensor, steps: i
 def refined_partition(moe: Moe, part: torch.Tensor, router: torch.Tensor, rounds: int):
     """`rounds` of: reassign the routed neurons to the experts whose routed tokens they add the most output energy
     to (balanced OT + greedy rounding, the partition's own machinery), then refit the least-squares router."""
+    from dotmoe.layer_setup import lstsq_router
     from dotmoe.rounding import greedy_round
     from dotmoe.sinkhorn import sinkhorn_log
-    from dotmoe.layer_setup import lstsq_router
 
     fit = slice(0, moe.layer.cut)
     energy = moe.layer.contrib[fit].pow(2)
@@ -156,8 +156,6 @@ def trained_experts_error(moe: Moe, part: torch.Tensor, gates: torch.Tensor, ste
 
 @torch.no_grad()
 def main() -> None:
-    from oracle_bound import OracleMLP
-    from real_models import model_dir
 
     from dotmoe.config import ConvertConfig
     from dotmoe.layer_setup import calibrate_layer

@@ -39,8 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else None
         if model is None:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from speed import synthetic_pair
+            from dotmoe_dev.bench import synthetic_pair
 
             dense, moe = synthetic_pair("0.5b", Path(tmp), 8, 2)
             shutil.rmtree(moe)

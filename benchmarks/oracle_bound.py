@@ -26,27 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dotmoe_dev.bench import OracleMLP, OracleRouter, model_dir, test_scores
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-class OracleMLP(nn.Module):
-    """A gated MLP that keeps, per token, only its `keep` neurons of largest contribution."""
-
-    def __init__(self, mlp: nn.Module, keep: int):
-        super().__init__()
-        self.mlp, self.keep = mlp, keep
-        self.register_buffer("dense_down", mlp.down_proj.weight.detach().clone(), persistent=False)
-
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h * mask, h): the kept activations and all of them."""
-        h = self.mlp.act_fn(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)
-        score = h.abs() * self.dense_down.norm(dim=0)
-        mask = torch.zeros_like(h).scatter_(-1, score.topk(self.keep, dim=-1).indices, 1.0)
-        return h * mask, h
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp.down_proj(self.features(x)[0])
 
 
 def oracle_problem(oracle: OracleMLP):
@@ -62,15 +44,13 @@ def oracle_problem(oracle: OracleMLP):
 def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]]:
     """(router, scores) of the default partition at `experts` experts, k = active x experts: oracle and lstsq
     routers, each with the sequential refit."""
-    from real_models import _scores, model_dir
-    from refit_ablation import OracleRouter
 
     from dotmoe.config import ConvertConfig
+    from dotmoe.layer_setup import initial_partitions
     from dotmoe.moe_mlp import install_moe
+    from dotmoe.prepare import calibration_sequences, prepare
     from dotmoe.refit import moe_problem, refit_sequentially
     from dotmoe.rounding import one_hot_assignment
-    from dotmoe.layer_setup import initial_partitions
-    from dotmoe.prepare import calibration_sequences, prepare
 
     top_k = round(active * experts)
     cfg = ConvertConfig(model=str(model_dir(args.model)), experts=experts, top_k=top_k, tokens=0,
@@ -93,7 +73,7 @@ def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]
             moe.assignment = one_hot_assignment(parts[i], len(caps))
             moe.router = chosen[i]
         refit_sequentially(model.get_decoder(), moes, [moe_problem(m) for m in moes], calib, progress=True)
-        scores = _scores(model, prep.tokenizer, args.eval_tokens, cloze=False)
+        scores = test_scores(model, prep.tokenizer, args.eval_tokens, cloze=False)
         print(structure, name, scores, flush=True)
         rows.append((structure, name, scores))
     return rows
@@ -101,12 +81,11 @@ def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]
 
 @torch.no_grad()
 def main() -> None:
-    from real_models import _scores, model_dir
 
     from dotmoe.architecture import find_gated_mlps
     from dotmoe.config import ConvertConfig
-    from dotmoe.refit import refit_sequentially
     from dotmoe.prepare import calibration_sequences, prepare
+    from dotmoe.refit import refit_sequentially
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -137,12 +116,12 @@ def main() -> None:
             if refit:
                 refit_sequentially(model.get_decoder(), oracles, [oracle_problem(o) for o in oracles],
                                    calibration_sequences(prep.seqs, cfg), progress=True)
-            scores = _scores(model, prep.tokenizer, args.eval_tokens, cloze=False)
+            scores = test_scores(model, prep.tokenizer, args.eval_tokens, cloze=False)
             rows.append((active, "neurons (no experts, no shared)", "oracle", refit, scores))
             print(active, refit, scores, flush=True)
 
     dense_prep = prepare(ConvertConfig(model=str(model_dir(args.model)), tokens=0))
-    dense = _scores(dense_prep.model.eval(), dense_prep.tokenizer, args.eval_tokens, cloze=False)
+    dense = test_scores(dense_prep.model.eval(), dense_prep.tokenizer, args.eval_tokens, cloze=False)
     command = " ".join(["python benchmarks/oracle_bound.py", *sys.argv[1:]])
     lines = [f"# Per-token oracle bounds: {args.model}", "",
              f"`{command}` (2 CPU cores, torch 2.13.0+cpu; calibration tokens: "

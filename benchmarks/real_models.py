@@ -25,17 +25,11 @@ from pathlib import Path
 import torch
 
 from dotmoe.artifacts import read_record
+from dotmoe_dev.bench import cloze_accuracy, dense_scores, load_dense, load_scored, model_dir, score
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("dotmoe", "random", "weight-kmeans", "activation", "hidden-kmeans-router", "prune")
-
-
-def model_dir(name: str) -> Path:
-    """A real model by name (fetched and cached by dotmoe_dev.real_models) or a local HF model directory."""
-    from dotmoe_dev.real_models import real_model_dir
-
-    return real_model_dir(name) if not Path(name).is_dir() else Path(name)
 
 
 def run_convert(model: Path, method: str, experts: int, top_k: int, tokens: int, seed: int, out: Path,
@@ -55,55 +49,6 @@ def run_convert(model: Path, method: str, experts: int, top_k: int, tokens: int,
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
     meta = read_record(out).to_dict()
     return meta, {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
-
-
-def load_scored(out: Path, method: str):
-    """(model, tokenizer) a run is scored with: the pruned dense export, else the training-time sparse model."""
-    if method == "prune":
-        return load_dense(out / "model")
-    from dotmoe.sparse_model import load_sparse_model
-
-    model, tok, _ = load_sparse_model(out)
-    return model, tok
-
-
-@torch.no_grad()
-def score(out: Path, method: str, eval_tokens: int, cloze: bool) -> dict:
-    return _scores(*load_scored(out, method), eval_tokens, cloze)
-
-
-def load_dense(model: Path):
-    """(model, tokenizer) of the dense checkpoint, fp32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model)
-
-
-def dense_scores(model: Path, eval_tokens: int, cloze: bool) -> dict:
-    return _scores(*load_dense(model), eval_tokens, cloze)
-
-
-def cloze_accuracy(model, tok) -> float:
-    from dotmoe.evaluate import run_tasks
-
-    return round(run_tasks(model, tok, ["wiki_cloze"])["wiki_cloze"]["acc"], 4)
-
-
-@torch.no_grad()
-def _scores(model, tok, eval_tokens: int, cloze: bool) -> dict:
-    """PPL on the first `eval_tokens` of the Wikipedia and Python-docs test splits (pydocs: half as many), and the
-    wiki_cloze accuracy."""
-    from dotmoe.data import load_texts, tokenize_stream
-    from dotmoe.paths import reference_data_file
-    from dotmoe.perplexity import perplexity
-
-    res = {}
-    for name, split, n in (("wiki_test_ppl", "wiki_test", eval_tokens), ("pydocs_test_ppl", "test", eval_tokens // 2)):
-        ids = tokenize_stream(tok, load_texts([str(reference_data_file(split))]))
-        res[name] = round(perplexity(model, ids, 256, 128, max_tokens=n), 3)
-    if cloze:
-        res["wiki_cloze_acc"] = cloze_accuracy(model, tok)
-    return res
 
 
 def render(records: list[dict]) -> str:

@@ -17,39 +17,21 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from dotmoe.config import ConvertConfig
 from dotmoe.data import load_texts, tokenize_stream
 from dotmoe.layer_runner import map_layer_inputs
+from dotmoe.layer_setup import LSTSQ_ROUTER_SCALE, initial_partitions
 from dotmoe.moe_mlp import install_moe
 from dotmoe.paths import default_data_file
 from dotmoe.perplexity import perplexity
-from dotmoe_dev.real_models import real_model_dir
+from dotmoe.prepare import calibration_sequences, prepare
 from dotmoe.refit import fit_layer, moe_problem, refit_sequentially
 from dotmoe.rounding import one_hot_assignment
-from dotmoe.router import RouterOutput
-from dotmoe.layer_setup import LSTSQ_ROUTER_SCALE, initial_partitions
-from dotmoe.prepare import calibration_sequences, prepare
+from dotmoe_dev.bench import OracleRouter
+from dotmoe_dev.real_models import real_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class OracleRouter(nn.Module):
-    """Top-k experts by the norm of their true contribution to this token's FFN output (gates exactly 1). The
-    contributions use the dense down projection as it is at construction, so a later refit does not change them."""
-
-    def __init__(self, mlp: nn.Module, partition: torch.Tensor, top_k: int, experts: int):
-        super().__init__()
-        self.mlp, self.partition, self.top_k, self.experts = [mlp], partition, top_k, experts
-        self.down_norm = mlp.down_proj.weight.detach().float().norm(dim=0)
-
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        mlp = self.mlp[0]
-        c = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float().abs() * self.down_norm
-        scores = torch.stack([c[..., self.partition == e].norm(dim=-1) for e in range(self.experts)], -1)
-        mask = torch.zeros_like(scores).scatter_(-1, scores.topk(self.top_k, -1).indices, 1.0)
-        return RouterOutput(scores, scores, mask, mask)
 
 
 def main() -> None:

@@ -20,49 +20,7 @@ from pathlib import Path
 import torch
 
 from dotmoe.speed import EXPERT_IMPLEMENTATIONS, bench_pair, format_rows
-
-SHAPES = {  # name: (hidden, intermediate, layers, heads)
-    "100m": (768, 3072, 12, 12),
-    "0.5b": (1280, 5120, 22, 20),
-    "1.5b": (2048, 8192, 24, 16),
-}
-
-
-def synthetic_pair(name: str, root: Path, experts: int, top_k: int) -> tuple[Path, Path]:
-    """Save a random dense Llama of the named shape and its MoE export (random balanced partition)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dotmoe.artifacts import save_conversion
-    from dotmoe.record import ConversionRecord
-    from dotmoe.export import export
-    from dotmoe.paths import reference_model_dir
-
-    hidden, inter, layers, heads = SHAPES[name]
-    dense_dir = root / f"dense-{name}"
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
-                      tie_word_embeddings=False, dtype="bfloat16")
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(dense_dir)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(reference_model_dir() / f, dense_dir / f)
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    g = torch.Generator().manual_seed(0)
-    partition = torch.stack([torch.randperm(inter, generator=g) % experts for _ in range(layers)])
-    routers = [torch.randn(experts, hidden, generator=g) for _ in range(layers)]
-    conv = root / f"conv-{name}"
-    conv.mkdir()
-    save_conversion(conv, partition, routers, ConversionRecord(
-        method="random", experts=experts, top_k=top_k, gating="softmax", capacities=[inter // experts] * experts,
-        intermediate_size=inter, num_layers=layers, mlp_modules=[f"model.layers.{i}.mlp" for i in range(layers)],
-        base_model=str(dense_dir)))
-    moe_dir = root / f"moe-{name}"
-    export(conv, moe_dir, check_tokens=0, progress=False)
-    print(f"{name}: {params / 1e6:.0f}M params dense", flush=True)
-    return dense_dir, moe_dir
+from dotmoe_dev.bench import synthetic_pair
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ from dotmoe.artifacts import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # name -> ConvertConfig overrides (a YAML config of `dotmoe convert`); warmup 2 of the 16 steps of a 32k-token run
 RECIPES = {
@@ -169,7 +168,7 @@ def run(cmd: list[str], log: Path, threads: int) -> float:
 def score(out: Path) -> dict:
     """Test scores of a finished run, remembered beside it (`<run>.scores.json`, keyed by its record's sha256):
     a report rescoring every run took ~3 minutes per run on 2 cores."""
-    from real_models import score as score_run
+    from dotmoe_dev.bench import score as score_run
 
     from dotmoe.run_dir import file_sha256
 
@@ -292,7 +291,7 @@ def main() -> None:
                         "runs of another machine, so that tables of two machines are never merged)")
     args = parser.parse_args()
 
-    from real_models import dense_scores, model_dir
+    from dotmoe_dev.bench import dense_scores, model_dir
 
     model = model_dir(args.model)
     suffix = f"_k{args.top_k}" if args.top_k != 2 else ""

@@ -5,14 +5,12 @@ import json
 import pytest
 import torch
 
-from dotmoe.artifacts import mark_complete, save_conversion
-from dotmoe.record import ConversionRecord
 from dotmoe.errors import DotMoeError
 from dotmoe.export import export
 from dotmoe.export_formats import plan_export
 from dotmoe.paths import reference_model_dir
 from dotmoe.sparse_model import load_sparse_model
-
+from dotmoe_dev.tiny_models import fake_conversion  # noqa: F401
 
 
 def save_tiny(kind: str, path, seed: int = 0):
@@ -36,25 +34,6 @@ def save_tiny(kind: str, path, seed: int = 0):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-def fake_conversion(model_dir, out, experts=4, top_k=2, gating="softmax", shared=0, capacities=None, seed=0):
-    """A convert output with a random balanced partition and random (sharp) routers for the model's shapes."""
-    dense = json.loads((model_dir / "config.json").read_text())
-    neurons, hidden, layers = dense["intermediate_size"], dense["hidden_size"], dense["num_hidden_layers"]
-    g = torch.Generator().manual_seed(seed)
-    caps = capacities or [(neurons - shared) // experts] * experts
-    caps = caps + ([shared] if shared else [])
-    ids = torch.repeat_interleave(torch.arange(len(caps)), torch.tensor(caps))
-    partition = torch.stack([ids[torch.randperm(neurons, generator=g)] for _ in range(layers)])
-    routers = [torch.randn(experts, hidden, generator=g) for _ in range(layers)]
-    record = ConversionRecord(method="dotmoe", experts=experts, top_k=top_k, shared=shared, gating=gating,
-                              capacities=caps, intermediate_size=neurons, num_layers=layers,
-                              mlp_modules=[f"model.layers.{i}.mlp" for i in range(layers)], base_model=str(model_dir))
-    out.mkdir(parents=True)
-    save_conversion(out, partition, routers, record)
-    mark_complete(out)
-    return out
 
 
 def logits_of_export(out, ids, remote=False):

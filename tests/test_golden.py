@@ -55,10 +55,9 @@ def fingerprint() -> str:
 
 def case_hashes(root: Path, name: str) -> dict[str, str]:
     """Run one case in `root` (a fresh directory) and hash what it wrote."""
-    from conftest import save_tiny_llama, write_tiny_text
-
     from dotmoe.config import ConvertConfig
     from dotmoe.convert import convert
+    from dotmoe_dev.tiny_models import save_tiny_llama, write_tiny_text
 
     model = root / "model" if (root / "model").is_dir() else save_tiny_llama(root / "model")
     text = root / "train.txt" if (root / "train.txt").is_file() else write_tiny_text(root / "train.txt")
@@ -114,7 +113,6 @@ def main() -> None:
 
     if sys.argv[1:] != ["--write"]:
         sys.exit(__doc__)
-    sys.path.insert(0, str(Path(__file__).parent))
     with tempfile.TemporaryDirectory() as tmp:
         recorded = {name: case_hashes(Path(tmp), name) for name in CASES}
     hashes = {**_recorded(), fingerprint(): recorded}

@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from dotmoe_dev.llamacpp import DEFAULT_CONVERTER, converter_info, run_conversion
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from gguf_roundtrip import DEFAULT_CONVERTER, converter_info, run_conversion  # noqa: E402
 
 WEIGHT_GLOBS = ("config.json", "*.safetensors", "*.bin")
 
@@ -175,8 +175,8 @@ def main() -> None:
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    import numpy as np
     import llama_cpp
+    import numpy as np
 
     conv = converter_info(args.converter)
     sysinfo = llama_cpp.llama_print_system_info().decode(errors="replace").strip()

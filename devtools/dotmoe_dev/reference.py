@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dotmoe_dev.corpus import DEFAULT_INFO, read_info_nodes, split_corpus
 from dotmoe.data import tokenize_stream
+from dotmoe_dev.corpus import DEFAULT_INFO, read_info_nodes, split_corpus
 
 EOS = "</s>"
 
