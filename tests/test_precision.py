@@ -87,3 +87,18 @@ def test_matmul_probe_takes_the_fastest_call_not_the_mean(monkeypatch):
     monkeypatch.setattr(precision.time, "perf_counter", lambda: next(clock))
     rate = matmul_gflops(torch.float32, CPU, (64, 32, 16), min_seconds=0.05)
     assert rate == pytest.approx(2 * 64 * 32 * 16 / 0.25 / 1e9)
+
+
+def test_an_avx512_bf16_cpu_takes_bf16_unless_it_measures_slower(monkeypatch):
+    """Native bf16 dot products without AMX: the probe only guards against a slower bf16 (a busy-core probe measured
+    1.5x and 2.3x minutes apart on one machine, and the 1.5x rule of flagless CPUs would decide both ways)."""
+    import dotmoe.precision as precision
+
+    rates = {torch.float32: 100.0, torch.bfloat16: 120.0}
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, device: rates[dtype])
+    for flags, speed, dtype in ((["avx512_bf16"], 120.0, torch.bfloat16), (["avx512_bf16"], 90.0, torch.float32),
+                                ([], 120.0, torch.float32)):
+        monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: flags)
+        monkeypatch.setattr(precision, "_DECIDED", {})
+        rates[torch.bfloat16] = speed
+        assert choose_precision("auto", CPU, trains_weights=False).dtype == dtype, (flags, speed)

@@ -4,7 +4,8 @@ bf16 pays only where the matrix units take it natively (CUDA GPUs with bf16; CPU
 CPU without them, torch's bf16 matmul is emulated: on this project's AVX2 machines (AMD EPYC, 2 cores) it ran at
 1-2 GFLOPS against 90-180 GFLOPS in fp32 (`benchmarks/conversion_speed.py` measures both), so bf16 there would be
 ~80x slower. Flags alone do not say how fast the kernels are, so `auto` times one small matmul in each type on the
-device and takes bf16 only when it is clearly faster. In bf16 the frozen weights are stored in bf16 (no re-cast at
+device and takes bf16 only when it is clearly faster; with the native flags (amx_bf16 always, avx512_bf16 unless
+bf16 measures slower) the flags decide, so that busy cores cannot flip the choice between runs. In bf16 the frozen weights are stored in bf16 (no re-cast at
 every call, which is what made autocast slow), routers, affinities, logits, softmaxes and least-squares problems
 stay fp32.
 """
@@ -68,8 +69,9 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, shape: tuple[int, in
 
 
 def fast_bf16(device: torch.device) -> tuple[bool, str]:
-    """Whether `device` multiplies bf16 natively (CUDA with bf16; a CPU with amx_bf16, or whose probe matmul runs
-    bf16 at least BF16_MIN_SPEEDUP x fp32), and the measured reason in a few words; probed once per process."""
+    """Whether `device` multiplies bf16 natively (CUDA with bf16; a CPU with amx_bf16; one with avx512_bf16 whose
+    probe matmul is not slower in bf16; any other whose probe runs bf16 at least BF16_MIN_SPEEDUP x fp32), and the
+    measured reason in a few words; probed once per process."""
     key = str(device)
     if key not in _DECIDED:
         _DECIDED[key] = _probe_fast_bf16(device)
@@ -90,6 +92,10 @@ def _probe_fast_bf16(device: torch.device) -> tuple[bool, str]:
         # the matrix unit is there (~6x fp32 on one free core here): a probe on busy cores must not decide, or
         # two conversions on one machine would compute in different types (seen: a test comparing two failed)
         return True, f"the CPU has amx_bf16; {measured}"
+    if "avx512_bf16" in flags:
+        # native bf16 dot products (~2x fp32 on an idle core here): bf16 unless it measures slower than fp32. At 1.5x
+        # a probe on busy cores decided both ways (ratios 1.5 and 2.3 measured minutes apart on one AMD EPYC)
+        return bf16 >= fp32, measured
     return bf16 >= BF16_MIN_SPEEDUP * fp32, measured
 
 
