@@ -91,7 +91,7 @@ def test_matmul_probe_takes_the_fastest_call_not_the_mean(monkeypatch):
 
 def test_an_avx512_bf16_cpu_takes_bf16_unless_it_measures_slower(monkeypatch):
     """Native bf16 dot products without AMX: the probe only guards against a slower bf16 (a busy-core probe measured
-    1.5x and 2.3x minutes apart on one machine, and the 1.5x rule of flagless CPUs would decide both ways)."""
+    1.50x-2.27x minutes apart on one machine, and the 1.5x rule of flagless CPUs decided both ways)."""
     import dotmoe.precision as precision
 
     rates = {torch.float32: 100.0, torch.bfloat16: 120.0}

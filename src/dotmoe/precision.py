@@ -94,7 +94,7 @@ def _probe_fast_bf16(device: torch.device) -> tuple[bool, str]:
         return True, f"the CPU has amx_bf16; {measured}"
     if "avx512_bf16" in flags:
         # native bf16 dot products (~2x fp32 on an idle core here): bf16 unless it measures slower than fp32. At 1.5x
-        # a probe on busy cores decided both ways (ratios 1.5 and 2.3 measured minutes apart on one AMD EPYC)
+        # a probe on busy cores decided both ways (ratios 1.50-2.27 measured minutes apart on one AMD EPYC)
         return bf16 >= fp32, measured
     return bf16 >= BF16_MIN_SPEEDUP * fp32, measured
 
