@@ -63,9 +63,8 @@ class Moe:
         self.fixed = [1.0] * shared + [0.0] * dropped
 
     def oracle(self, part: torch.Tensor, tokens: slice = slice(None)):
-        """`refit_ablation.OracleRouter`'s output on the layer's tokens: logits = each expert's contribution norm,
+        """`dotmoe_dev.bench.OracleRouter`'s output on the layer's tokens: logits = each expert's contribution norm,
         gates = the top-k of them."""
-
         return OracleRouter(self.layer.mlp, part, self.top_k, self.experts)(self.layer.x[tokens])
 
     def router_gates(self, weight: torch.Tensor) -> torch.Tensor:
@@ -156,7 +155,6 @@ def trained_experts_error(moe: Moe, part: torch.Tensor, gates: torch.Tensor, ste
 
 @torch.no_grad()
 def main() -> None:
-
     from dotmoe.config import ConvertConfig
     from dotmoe.layer_setup import calibrate_layer
     from dotmoe.prepare import prepare

@@ -44,7 +44,6 @@ def oracle_problem(oracle: OracleMLP):
 def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]]:
     """(router, scores) of the default partition at `experts` experts, k = active x experts: oracle and lstsq
     routers, each with the sequential refit."""
-
     from dotmoe.config import ConvertConfig
     from dotmoe.layer_setup import initial_partitions
     from dotmoe.moe_mlp import install_moe
@@ -81,7 +80,6 @@ def expert_rows(args, active: float, experts: int) -> list[tuple[str, str, dict]
 
 @torch.no_grad()
 def main() -> None:
-
     from dotmoe.architecture import find_gated_mlps
     from dotmoe.config import ConvertConfig
     from dotmoe.prepare import calibration_sequences, prepare

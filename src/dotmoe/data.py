@@ -214,7 +214,8 @@ def training_sequences(tokenizer, texts: TextFiles, cfg) -> torch.Tensor:
     ids = tokenize_stream(tokenizer, texts, cap + 1)
     if len(ids) > cap:
         print(f"dotmoe: data: reading the first {cap:,} tokens of {', '.join(map(str, texts.files))} (4x this "
-              "run's training and calibration tokens); the rest is not used", file=sys.stderr)
+              f"run's training and calibration tokens, at least {MIN_DATA_TOKENS:,}); the rest is not used",
+              file=sys.stderr)
     return pack_sequences(ids[:cap], cfg.seq_len)
 
 

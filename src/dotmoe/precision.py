@@ -4,10 +4,10 @@ bf16 pays only where the matrix units take it natively (CUDA GPUs with bf16; CPU
 CPU without them, torch's bf16 matmul is emulated: on this project's AVX2 machines (AMD EPYC, 2 cores) it ran at
 1-2 GFLOPS against 90-180 GFLOPS in fp32 (`benchmarks/conversion_speed.py` measures both), so bf16 there would be
 ~80x slower. Flags alone do not say how fast the kernels are, so `auto` times one small matmul in each type on the
-device and takes bf16 only when it is clearly faster; with the native flags (amx_bf16 always, avx512_bf16 unless
-bf16 measures slower) the flags decide, so that busy cores cannot flip the choice between runs. In bf16 the frozen weights are stored in bf16 (no re-cast at
-every call, which is what made autocast slow), routers, affinities, logits, softmaxes and least-squares problems
-stay fp32.
+device and takes bf16 only when it is clearly faster. Where the CPU has native bf16 the probe only guards: amx_bf16
+always computes in bf16, avx512_bf16 unless bf16 measures slower than fp32, so busy cores cannot flip the choice
+between runs. In bf16 the frozen weights are stored in bf16 (no re-cast at every call, which is what made autocast
+slow), routers, affinities, logits, softmaxes and least-squares problems stay fp32.
 """
 
 from __future__ import annotations
