@@ -1,7 +1,8 @@
 """Inference speed of dense vs exported MoE on real exports, the reference model and synthetic FFN-dominant shapes.
 
     python benchmarks/speed.py [--real smollm2-k2=DIR ...] [--sizes ref 100m 0.5b 1.5b] [--batches 1 8] [--prompt 128] [--new-tokens 32]
-                               [--runs 5] [--dtype bfloat16] [--device cpu] [--out benchmarks/results/speed.md]
+                               [--runs 5] [--dtype bfloat16] [--device cpu] [--onednn on|off]
+                               [--out benchmarks/results/speed.md]
 
 Synthetic shapes are random-weight Llama models (Llama-2-like MHA, intermediate = 4 x hidden, so the FFN is
 ~2/3 of the weights, as in real LLMs) converted with a random balanced partition and random router: speed does
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--real", nargs="+", default=[], metavar="LABEL=MOE_DIR",
                         help="real exports to time against the dense model each was converted from (its record's "
                         "base_model), e.g. smollm2-k2=out/smollm2/model; rows are labelled LABEL")
+    parser.add_argument("--onednn", default="on", choices=["on", "off"], help="PyTorch's oneDNN matmuls for both "
+                        "models (off: PyTorch's native CPU kernels)")
     parser.add_argument("--keep", help="keep the synthetic dense/MoE checkpoints in this directory (for llama.cpp)")
     parser.add_argument("--out", default="benchmarks/results/speed.md")
     args = parser.parse_args()
@@ -67,7 +70,7 @@ def main() -> None:
                     shutil.rmtree(Path(root, f"conv-{size}"), ignore_errors=True)
                     dense_dir, moe_dir = synthetic_pair(size, root, 8, 2)
             rows = bench_pair(str(dense_dir), str(moe_dir), args.batches, args.prompt, args.new_tokens, args.runs,
-                              dtype, args.device, tuple(args.impls))
+                              dtype, args.device, tuple(args.impls), onednn=args.onednn == "on")
             all_rows[size] = rows
             sections.append(format_rows(rows, size))
             print(sections[-1], flush=True)
@@ -81,7 +84,8 @@ def main() -> None:
     real = f" --real {' '.join(args.real)}" if args.real else ""
     header = [f"`python benchmarks/speed.py{real} --sizes {' '.join(args.sizes)} --batches "
               f"{' '.join(map(str, args.batches))} --prompt {args.prompt} --new-tokens {args.new_tokens} --runs "
-              f"{args.runs} --dtype {args.dtype} --device {args.device} --impls {' '.join(args.impls)}`",
+              f"{args.runs} --dtype {args.dtype} --device {args.device} --impls {' '.join(args.impls)} --onednn "
+              f"{args.onednn}`",
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
               f"{torch.__version__}, transformers {transformers.__version__}. Synthetic and ref rows: E=8, k=2 (25% of FFN "
               "neurons active); real rows: as their label says. "

@@ -107,6 +107,11 @@ RECIPES = {
     # and resolved to their files; 437,736 + 907,727 SmolLM2 tokens, so a 1M-token run sees no sequence twice)
     "more-text-bf16": {"data": ["wiki_train", "austen_train"], "mixed_precision": "bf16",
                        "gradient_checkpointing": False},
+    # `bf16` on the other exact 50% structure of E=8 that drops nothing: k=2 of 8 experts of 128 neurons beside an
+    # always-on 512 (512 + 2 x 128 = 768 of SmolLM2's 1,536 neurons active; the default k=4 structure keeps 576 +
+    # 8 x 48 and drops 576). Run it in the 50% group (--top-k 4): its own top_k overrides the group's
+    "k2-shared512-bf16": {"top_k": 2, "shared": 512, "drop": 0, "mixed_precision": "bf16",
+                          "gradient_checkpointing": False},
 }
 
 
@@ -125,22 +130,33 @@ def resolved(recipe: dict) -> dict:
     return {**recipe, **({"data": [str(reference_data_file(s)) for s in recipe["data"]]} if "data" in recipe else {})}
 
 
+STRUCTURE = {"shared_fraction": "sf", "top_k": "k", "shared": "s", "drop": "d"}  # recipe key -> start-name tag
+
+
 def start_name(recipe: str) -> str | None:
     """The training-free run a recipe trains from (--init-from): `start` for DOT-MoE, `start-<method>` for another
-    MoE method, `start-sf<fraction>` for another shared fraction, None for prune (its run prunes, then distils)."""
+    MoE method, then `-sf<fraction>` / `-k<k>` / `-s<shared>` / `-d<drop>` for a structure of its own (e.g.
+    `start-sf0`, `start-k2-s512-d0`), None for prune (its run prunes, then distils)."""
     method = RECIPES[recipe].get("method", "dotmoe")
     if method == "prune":
         return None
     name = "start" if method == "dotmoe" else f"start-{method}"
-    fraction = RECIPES[recipe].get("shared_fraction")
-    return name if fraction is None else f"{name}-sf{fraction:g}"
+    return name + "".join(f"-{tag}{RECIPES[recipe][key]:g}" for key, tag in STRUCTURE.items() if key in RECIPES[recipe])
 
 
 def start_args(name: str) -> list[str]:
     """The `dotmoe convert` options of the training-free start `name` (start_name)."""
-    parts = name.split("-sf")
-    method = ["--method", parts[0].removeprefix("start-")] if parts[0] != "start" else []
-    return method + (["--shared-fraction", parts[1]] if len(parts) > 1 else [])
+    parts = name.split("-")
+    method = [p for p in parts[1:] if not any(p.startswith(t) and p[len(t):].replace(".", "").isdigit()
+                                               for t in STRUCTURE.values())]  # e.g. hidden-kmeans-router
+    args = ["--method", "-".join(method)] if method else []
+    flags = {"sf": "--shared-fraction", "k": "--top-k", "s": "--shared", "d": "--drop"}
+    for part in parts[1:]:
+        for tag in ("sf", "k", "s", "d"):  # "sf" before "s"
+            if part.startswith(tag) and part[len(tag):].replace(".", "").isdigit():
+                args += [flags[tag], part[len(tag):]]
+                break
+    return args
 
 
 def run_name(recipe: str, tokens: int, seed: int) -> str:
@@ -301,7 +317,7 @@ def main() -> None:
     starts = {start_name(r) for r in args.recipes} | {"start"}
     for name in sorted(starts - {None}):
         if not args.report and not (runs / name / "COMPLETE").is_file():
-            run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, args.top_k,
+            run(convert_cmd(model, runs / name, 0, args.calib_tokens, 8192, args.top_k,  # a -k<k> tag overrides it
                             ["--overwrite", *start_args(name)]),
                 runs / f"{name}.log", 2)
 
@@ -317,7 +333,8 @@ def main() -> None:
         again = "--resume" if (out / "checkpoint.pt").is_file() else "--overwrite"
         extra = [*origin, "--config", str(cfg), "--eval-every", str(args.eval_every), again,
                  "--checkpoint-every", str(args.checkpoint_every)]
-        wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, args.top_k, extra),
+        top_k = RECIPES[recipe].get("top_k", args.top_k)  # a recipe of its own structure (its start has it too)
+        wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, top_k, extra),
                    runs / f"{name}.log", max(1, 2 // args.jobs))
         (runs / f"{name}.wall_s").write_text(str(wall))  # beside the run: its directory holds only dotmoe's files
 

@@ -8,7 +8,7 @@ from dotmoe.export import export
 from dotmoe.speed import weight_bytes
 
 
-def test_bytes_bound_counts_k_of_e_experts_and_the_cli_prints_a_table(tmp_path, capsys):
+def test_bytes_bound_counts_k_of_e_experts_and_the_cli_prints_a_table(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     dense = save_tiny("llama", tmp_path / "dense")
@@ -28,6 +28,16 @@ def test_bytes_bound_counts_k_of_e_experts_and_the_cli_prints_a_table(tmp_path, 
     out = capsys.readouterr().out
     assert code == 0 and "decode x" in out and "bytes bound x" in out and "experts touched per layer" in out
     assert len([line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]) == 2
+
+    from dotmoe.speed import Workload
+
+    timed_with, time_once = [], Workload.time_once  # --onednn off: both models timed with oneDNN off, then restored
+    monkeypatch.setattr(Workload, "time_once", lambda self, m: timed_with.append(torch.backends.mkldnn.enabled)
+                        or time_once(self, m))
+    assert main(["bench", "speed", "--dense", str(dense), "--moe", str(tmp_path / "moe"), "--batch", "1",
+                 "--prompt", "8", "--new-tokens", "2", "--runs", "1", "--onednn", "off"]) == 0
+    assert "oneDNN off" in capsys.readouterr().out and timed_with and not any(timed_with)
+    assert torch.backends.mkldnn.enabled
 
 
 def _check_kernel_against_stock(tmp_path, impl: str, shapes, prompt: torch.Tensor) -> None:
@@ -54,6 +64,31 @@ def _check_kernel_against_stock(tmp_path, impl: str, shapes, prompt: torch.Tenso
 def test_gather_experts_kernel_matches_stock_grouped_mm(tmp_path):
     # 14 pairs: the gather path; 240 pairs: falls back to grouped_mm
     _check_kernel_against_stock(tmp_path, "dotmoe_gather", ((1, 7), (3, 40)), torch.arange(5).unsqueeze(0))
+
+
+def test_single_token_gather_in_bf16_matches_stock_and_restores_onednn(tmp_path):
+    """Batch-1 decoding in bf16 on CPU: the gather kernel's pairs path (matrix-vector products with oneDNN bypassed,
+    routing weights folded into addmm) gives stock grouped_mm's next-token logits to bf16 rounding, and leaves oneDNN
+    enabled."""
+    from transformers import AutoModelForCausalLM
+
+    import dotmoe.fast_experts  # noqa: F401
+
+    dense = save_tiny("qwen3", tmp_path / "dense")
+    export(fake_conversion(dense, tmp_path / "conv", experts=4, top_k=2, capacities=[10, 12, 13, 13]),
+           tmp_path / "moe", check_tokens=0, progress=False)
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.bfloat16, experts_implementation=i)
+              .eval() for i in ("grouped_mm", "dotmoe_gather")]
+    ids = torch.randint(0, 8000, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        steps = []
+        for model in models:
+            past = model(input_ids=ids[:, :5], use_cache=True).past_key_values
+            steps.append(model(input_ids=ids[:, 5:], past_key_values=past, use_cache=True).logits.float())
+    assert torch.backends.mkldnn.enabled
+    stock, fast = steps
+    assert (stock - fast).norm() / stock.norm() < 1e-2
+    assert stock.argmax() == fast.argmax()
 
 
 def test_all_experts_kernel_matches_stock_grouped_mm(tmp_path):
@@ -108,22 +143,24 @@ def test_bytes_bound_of_a_batch_from_the_routing_of_real_text(tmp_path):
 
 
 def test_auto_experts_kernel_matches_stock_and_picks_by_step_size(tmp_path, monkeypatch):
-    """dotmoe_auto gives stock grouped_mm's logits, and sends a step with fewer pairs than E/2 to gather, up to
-    SMALL_STEP_PAIRS pairs to all, larger ones to stock grouped_mm."""
+    """dotmoe_auto gives stock grouped_mm's logits (a token, two tokens, a short and a long prefill), and sends one
+    token or at most PAIRS_PATH_MAX pairs to the pairs path, up to SMALL_STEP_PAIRS pairs to all, larger ones to stock
+    grouped_mm."""
     import dotmoe.fast_experts as fe
 
-    _check_kernel_against_stock(tmp_path, "dotmoe_auto", ((1, 1), (4, 7), (3, 40)), torch.arange(5).unsqueeze(0))
+    _check_kernel_against_stock(tmp_path, "dotmoe_auto", ((1, 1), (2, 1), (4, 7), (3, 40)),
+                                torch.arange(5).unsqueeze(0))
     calls = []
-    monkeypatch.setattr(fe, "gather_experts_forward", lambda self, h, i, w: calls.append("gather"))
+    monkeypatch.setattr(fe, "pairs_forward", lambda self, h, i, w: calls.append("pairs"))
     monkeypatch.setattr(fe, "all_experts_forward", lambda self, h, i, w: calls.append("all"))
 
     class Experts:
-        num_experts = 8
+        num_experts, has_bias, has_gate = 8, False, True
 
-    for tokens, k in ((1, 2), (1, 4), (2, 2), (16, 4)):
+    for tokens, k in ((1, 2), (1, 4), (2, 2), (4, 2), (16, 4)):
         fe.auto_experts_forward(Experts(), torch.zeros(tokens, 4), torch.zeros(tokens, k, dtype=torch.long),
                                 torch.zeros(tokens, k))
-    assert calls == ["gather", "all", "all", "all"]
+    assert calls == ["pairs", "pairs", "pairs", "all", "all"]
 
 
 def test_an_untied_head_does_not_count_the_embedding_table_as_read(tmp_path):

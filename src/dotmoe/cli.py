@@ -128,9 +128,10 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench_pair(dense, moe, batches, args.prompt, args.new_tokens, args.runs,
-                      getattr(torch, args.dtype), args.device, trust_remote_code=args.trust_remote_code)
-    print(f"{args.device}, {torch.get_num_threads()} threads, {args.dtype}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, median of {args.runs} runs")
+                      getattr(torch, args.dtype), args.device, trust_remote_code=args.trust_remote_code,
+                      onednn=args.onednn == "on")
+    print(f"{args.device}, {torch.get_num_threads()} threads, {args.dtype}, oneDNN {args.onednn}, prompt "
+          f"{args.prompt}, {args.new_tokens} new tokens, median of {args.runs} runs")
     print(format_rows(rows))
 
 

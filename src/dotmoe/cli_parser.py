@@ -142,6 +142,8 @@ def _add_model_commands(sub, handlers: dict[str, Callable]) -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--onednn", default="on", choices=["on", "off"], help="PyTorch's oneDNN matmuls for both "
+                   "models (off: native kernels; on CPU often faster for bf16 batch-1 decoding)")
     p.add_argument("--trust-remote-code", action="store_true", help="for the custom dotmoe class")
     p.set_defaults(func=handlers["bench_speed"])
 

@@ -1,6 +1,7 @@
 """Decode-friendly experts kernels for stock transformers MoE classes: `experts_implementation="dotmoe_gather"`
 (the selected experts only), `"dotmoe_all"` (every expert in two batched matmuls, for small batches that
-touch most experts anyway) and `"dotmoe_auto"` (the one of the two, or stock grouped_mm, for each step's size).
+touch most experts anyway) and `"dotmoe_auto"` (per step: the chosen experts' matrix-vector products for a token or
+a few pairs, `dotmoe_all`, or stock grouped_mm).
 
     import dotmoe.fast_experts  # registers it
     AutoModelForCausalLM.from_pretrained(path, experts_implementation="dotmoe_gather")
@@ -29,20 +30,53 @@ def _stock_step(experts, top_k_index: torch.Tensor) -> bool:
     return top_k_index.numel() > SMALL_STEP_PAIRS or experts.has_bias or not experts.has_gate
 
 
+PAIRS_PATH_MAX = 4  # dotmoe_auto: steps of at most this many token-expert pairs (or one token) take the pairs path
+
+
+def _native_matvec(hidden_states: torch.Tensor) -> bool:
+    """Whether the pairs path turns oneDNN off around its matrix-vector products: bf16/fp16 on CPU. A single-row
+    oneDNN matmul there costs ~10-20 us of fixed overhead per call for a few us of kernel, PyTorch's native
+    matrix-vector kernel ~1.5 us, and expert matrices are small (2-core AMD EPYC, 2 threads, SmolLM2 expert
+    shapes, weights streamed: 288x576 34 -> 10 us, 576x144 21 -> 11 us; per-call costs in
+    `benchmarks/results/linear_call_cost_epyc.md`)."""
+    return hidden_states.device.type == "cpu" and hidden_states.dtype in (torch.bfloat16, torch.float16) \
+        and torch.backends.mkldnn.enabled
+
+
+def pairs_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Every (token, chosen expert) pair of a tiny step as two matrix-vector products on views of that expert's
+    weights, the routing weight folded into the down projection's in-place accumulation (addmm's alpha): per pair
+    2 matmuls and the gate, nothing else (no grouping, gathers or scatters). An expert two tokens share is read
+    twice, the second time from cache. For batch-1 decoding and steps of a few pairs."""
+    rows, weights = top_k_index.tolist(), top_k_weights.tolist()  # one host sync each
+    native = _native_matvec(hidden_states)
+    if native:
+        torch.backends.mkldnn.enabled = False  # process-wide flag: restored below, before anything else runs
+    try:
+        out = torch.zeros_like(hidden_states)
+        for token, (experts, gates) in enumerate(zip(rows, weights)):
+            x, y = hidden_states[token : token + 1], out[token : token + 1]
+            for expert, gate in zip(experts, gates):
+                if not 0 <= expert < self.num_experts:  # a sentinel slot
+                    continue
+                gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
+                if self.is_transposed:  # [d, 2I] / [I, d] layouts
+                    gate_up, down = gate_up.t(), down.t()
+                y.addmm_(self._apply_gate(F.linear(x, gate_up)).to(y.dtype), down.t(), alpha=gate)
+        return out
+    finally:
+        if native:
+            torch.backends.mkldnn.enabled = True
+
+
 def gather_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """hidden_states [S, d], top_k_index / top_k_weights [S, k] -> [S, d] (sum of weighted expert outputs)."""
     if _stock_step(self, top_k_index):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if hidden_states.shape[0] == 1:  # batch-1 decoding: k matrix-vector products on weight views, nothing else
-        out = None
-        for slot, expert in enumerate(top_k_index[0].tolist()):
-            gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
-            if self.is_transposed:
-                gate_up, down = gate_up.t(), down.t()
-            y = F.linear(self._apply_gate(F.linear(hidden_states, gate_up)), down) * top_k_weights[0, slot]
-            out = y if out is None else out + y
-        return out.to(hidden_states.dtype)
+    if hidden_states.shape[0] == 1:  # batch-1 decoding
+        return pairs_forward(self, hidden_states, top_k_index, top_k_weights)
     out = torch.zeros_like(hidden_states)
     slots: dict[int, list[tuple[int, int]]] = {}
     for token, row in enumerate(top_k_index.tolist()):  # a handful of pairs: one host sync, no kernels
@@ -90,14 +124,16 @@ AUTO_NAME = "dotmoe_auto"
 
 def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The kernel for the step's size, chosen from its shape alone (no host sync): fewer token-expert pairs than
-    half the experts (batch-1 decoding at small k/E) -> `dotmoe_gather`, which reads only the selected experts;
-    up to SMALL_STEP_PAIRS pairs -> `dotmoe_all` (the batch touches most experts anyway); more (prefill) -> stock
-    `grouped_mm`. SmolLM2-135M exports, 2 threads, bf16 (benchmarks/results/speed_smollm2_xeon.md): gather is
-    fastest at k=2 batch 1 (2 of 8 experts), all at every batch of 2-16 and at k=4 batch 1; in fp32 stock
-    grouped_mm is faster at k=2 batches 2-8 (speed_smollm2_auto_fp32_xeon.md), which this rule does not see."""
-    if top_k_index.numel() < self.num_experts / 2:
-        return gather_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    """The kernel for the step's size, chosen from its shape alone: one token, or at most PAIRS_PATH_MAX
+    token-expert pairs -> `pairs_forward` (matrix-vector products of the chosen experts only); up to
+    SMALL_STEP_PAIRS pairs -> `dotmoe_all` (the batch touches most experts anyway); more (prefill) -> stock
+    `grouped_mm`. Measured on SmolLM2-135M exports, 2-core AMD EPYC, 2 threads, bf16, the 30 FFN blocks of one
+    decode step with their weights streamed (`benchmarks/moe_block_speed.py`,
+    `benchmarks/results/moe_block_speed_epyc.md`): pairs is fastest at batch 1 (k=2 and k=4) and at k=2 batch 2,
+    all at every larger step up to 16 tokens."""
+    if hidden_states.shape[0] == 1 or top_k_index.numel() <= PAIRS_PATH_MAX:
+        if not _stock_step(self, top_k_index):
+            return pairs_forward(self, hidden_states, top_k_index, top_k_weights)
     return all_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 

@@ -188,8 +188,10 @@ def _time_alternately(work: "Workload", dense, moe, impls: list[str], runs: int)
 
 def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, new_tokens: int, runs: int,
                dtype: torch.dtype, device: str, implementations: tuple[str, ...] = EXPERT_IMPLEMENTATIONS,
-               trust_remote_code: bool = False, log=print) -> list[dict]:
+               trust_remote_code: bool = False, log=print, onednn: bool = True) -> list[dict]:
     """Rows (one per batch size): dense and per-implementation MoE throughput, ratios and the bytes bound.
+    `onednn=False` times both models with PyTorch's oneDNN (mkldnn) matmuls off: on CPU, bf16 matrix-vector
+    products then use PyTorch's native kernel, whose fixed cost per call is far lower (batch-1 decoding).
 
     Both models stay loaded and their timed runs alternate (dense, MoE with each experts implementation, dense,
     ...), so a slow spell of the machine (another process, frequency changes) hits every variant alike instead of
@@ -218,7 +220,9 @@ def bench_pair(dense_dir: str, moe_dir: str, batches: list[int], prompt: int, ne
             log(f"experts implementation {impl}: unavailable ({str(exc).splitlines()[0][:120]})")
     rows = []
     for b in batches:
-        d, moe_tp = _time_alternately(Workload(vocab, b, prompt, new_tokens, device, text), dense, moe, impls, runs)
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            d, moe_tp = _time_alternately(Workload(vocab, b, prompt, new_tokens, device, text), dense, moe, impls,
+                                          runs)
         best = max(moe_tp, key=lambda i: moe_tp[i].decode_tok_s)
         m = moe_tp[best]
         c = covered.get(b)
