@@ -34,11 +34,10 @@ PAIRS_PATH_MAX = 4  # dotmoe_auto: steps of at most this many token-expert pairs
 
 
 def _native_matvec(hidden_states: torch.Tensor) -> bool:
-    """Whether the pairs path turns oneDNN off around its matrix-vector products: bf16/fp16 on CPU. A single-row
-    oneDNN matmul there costs ~10-20 us of fixed overhead per call for a few us of kernel, PyTorch's native
-    matrix-vector kernel ~1.5 us, and expert matrices are small (2-core AMD EPYC, 2 threads, SmolLM2 expert
-    shapes, weights streamed: 288x576 34 -> 10 us, 576x144 21 -> 11 us; per-call costs in
-    `benchmarks/results/linear_call_cost_epyc.md`)."""
+    """Whether the pairs path turns oneDNN off around its matrix-vector products: bf16/fp16 on CPU. There a single-row
+    oneDNN matmul pays a fixed cost of ~10-15 us per call, PyTorch's native matrix-vector kernel a few us, and expert
+    matrices are small (2-core AMD EPYC, 2 threads: 96x576 19.3 -> 6.1 us, 8x576 12.7 -> 3.8 us;
+    `benchmarks/results/linear_call_cost_epyc.md`). Larger steps keep oneDNN: its multi-row matmuls are faster."""
     return hidden_states.device.type == "cpu" and hidden_states.dtype in (torch.bfloat16, torch.float16) \
         and torch.backends.mkldnn.enabled
 
