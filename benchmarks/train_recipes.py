@@ -130,7 +130,17 @@ def resolved(recipe: dict) -> dict:
     return {**recipe, **({"data": [str(reference_data_file(s)) for s in recipe["data"]]} if "data" in recipe else {})}
 
 
-STRUCTURE = {"shared_fraction": "sf", "top_k": "k", "shared": "s", "drop": "d"}  # recipe key -> start-name tag
+# recipe key -> (start-name tag, `dotmoe convert` flag); "sf" is listed before "s" so that it is matched first
+STRUCTURE = {"shared_fraction": ("sf", "--shared-fraction"), "top_k": ("k", "--top-k"), "shared": ("s", "--shared"),
+             "drop": ("d", "--drop")}
+
+
+def _structure_flag(part: str) -> list[str]:
+    """A start name's `-<tag><number>` part as its convert options (e.g. `s512` -> --shared 512), else []."""
+    for tag, flag in STRUCTURE.values():
+        if part.startswith(tag) and part[len(tag):].replace(".", "").isdigit():
+            return [flag, part[len(tag):]]
+    return []
 
 
 def start_name(recipe: str) -> str | None:
@@ -141,22 +151,15 @@ def start_name(recipe: str) -> str | None:
     if method == "prune":
         return None
     name = "start" if method == "dotmoe" else f"start-{method}"
-    return name + "".join(f"-{tag}{RECIPES[recipe][key]:g}" for key, tag in STRUCTURE.items() if key in RECIPES[recipe])
+    return name + "".join(f"-{tag}{RECIPES[recipe][key]:g}" for key, (tag, _) in STRUCTURE.items()
+                          if key in RECIPES[recipe])
 
 
 def start_args(name: str) -> list[str]:
     """The `dotmoe convert` options of the training-free start `name` (start_name)."""
-    parts = name.split("-")
-    method = [p for p in parts[1:] if not any(p.startswith(t) and p[len(t):].replace(".", "").isdigit()
-                                               for t in STRUCTURE.values())]  # e.g. hidden-kmeans-router
-    args = ["--method", "-".join(method)] if method else []
-    flags = {"sf": "--shared-fraction", "k": "--top-k", "s": "--shared", "d": "--drop"}
-    for part in parts[1:]:
-        for tag in ("sf", "k", "s", "d"):  # "sf" before "s"
-            if part.startswith(tag) and part[len(tag):].replace(".", "").isdigit():
-                args += [flags[tag], part[len(tag):]]
-                break
-    return args
+    parts = name.split("-")[1:]
+    method = [p for p in parts if not _structure_flag(p)]  # e.g. hidden-kmeans-router
+    return (["--method", "-".join(method)] if method else []) + [a for p in parts for a in _structure_flag(p)]
 
 
 def run_name(recipe: str, tokens: int, seed: int) -> str:
