@@ -50,7 +50,7 @@ def main() -> None:
     from dotmoe.config import ConvertConfig
     mark("imports (torch, transformers, dotmoe)")
 
-    materialize, train_layer, preflight = layerwise._materialize, layerwise._train_layer, prepare.preflight
+    materialize, train_layer, preflight = layerwise.materialize_weights, layerwise.train_layer, prepare.preflight
 
     def traced_materialize(module, prefix, src):
         materialize(module, prefix, src)
@@ -65,7 +65,7 @@ def main() -> None:
         mark("tokenized data + meta skeleton")
         return preflight(*a, **k)
 
-    layerwise._materialize, layerwise._train_layer, prepare.preflight = (traced_materialize, traced_train_layer,
+    layerwise.materialize_weights, layerwise.train_layer, prepare.preflight = (traced_materialize, traced_train_layer,
                                                                          traced_preflight)
     if args.no_trim:
         layerwise.return_freed_memory = lambda: None

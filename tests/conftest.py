@@ -70,17 +70,17 @@ def joint_reference(tiny_llama_dir, tiny_text, tmp_path_factory):
 
 @pytest.fixture
 def layer_inputs_seen(monkeypatch) -> list:
-    """The (FFN inputs, FFN outputs) each layer-wise `_train_layer` call receives, in call order."""
+    """The (FFN inputs, FFN outputs) each layer-wise `train_layer` call receives, in call order."""
     import dotmoe.layerwise as lw
 
     seen = []
-    original = lw._train_layer
+    original = lw.train_layer
 
     def spy(cfg, mlp, x, y, caps, seed):
         seen.append((x.clone(), y.clone()))
         return original(cfg, mlp, x, y, caps, seed)
 
-    monkeypatch.setattr(lw, "_train_layer", spy)
+    monkeypatch.setattr(lw, "train_layer", spy)
     return seen
 
 

@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 import dotmoe.joint_recipe as recipe
 import dotmoe.train as train
 
-_build = train._accelerator
+_build = train.build_accelerator
 
 
 def _fsdp2_accelerator(cfg):
@@ -28,7 +28,7 @@ def _fsdp2_accelerator(cfg):
     return accelerator
 
 
-train._accelerator = _fsdp2_accelerator
+train.build_accelerator = _fsdp2_accelerator
 
 if os.environ.get("DOTMOE_TEST_FSDP_REPORT"):  # write the FSDP units of the prepared module (main process)
     _prepare_module = train.MoeTrainingModule.train

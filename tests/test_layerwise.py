@@ -132,7 +132,7 @@ def test_layerwise_crash_then_resume_redoes_only_the_unfinished_layer(tiny_llama
     convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "full", **common), progress=False)
     full = load_conversion(tmp_path / "full")
 
-    train_layer, calls = layerwise._train_layer, []
+    train_layer, calls = layerwise.train_layer, []
 
     def crash_on_second_layer(*a, **k):
         calls.append(a[-1])  # the layer's seed
@@ -141,7 +141,7 @@ def test_layerwise_crash_then_resume_redoes_only_the_unfinished_layer(tiny_llama
         return train_layer(*a, **k)
 
     out = tmp_path / "crashed"
-    monkeypatch.setattr(layerwise, "_train_layer", crash_on_second_layer)
+    monkeypatch.setattr(layerwise, "train_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
         convert(_cfg(tiny_llama_dir, tiny_text, out, **common), progress=False)
     assert (out / layerwise.LAYERWISE_CHECKPOINT).is_file() and not (out / "dotmoe_meta.json").exists()
@@ -150,7 +150,7 @@ def test_layerwise_crash_then_resume_redoes_only_the_unfinished_layer(tiny_llama
         convert(_cfg(tiny_llama_dir, tiny_text, out, resume=True, layer_steps=11, export_format="none"),
                 progress=False)
     calls.clear()
-    monkeypatch.setattr(layerwise, "_train_layer", lambda *a, **k: calls.append(a[-1]) or train_layer(*a, **k))
+    monkeypatch.setattr(layerwise, "train_layer", lambda *a, **k: calls.append(a[-1]) or train_layer(*a, **k))
     convert(_cfg(tiny_llama_dir, tiny_text, out, resume=True, **common), progress=False)
     assert calls == [1]  # layer 0 came from the checkpoint; only layer 1 was trained again
     resumed = load_conversion(out)

@@ -23,7 +23,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
     from dotmoe.run_dir import is_main_rank, output_lock, restore_previous
 
     return_large_blocks_to_the_system()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accelerate's device (_accelerator)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accelerate's device (build_accelerator)
     cfg, precision = _resolve_auto_types(cfg, device, progress)
     if progress and cfg.steps:
         print(f"dotmoe: training {cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len:,} tokens after the "

@@ -44,7 +44,7 @@ from dotmoe.run_dir import COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR
 from dotmoe.stop_signals import stop_at_step_boundaries, stop_requested
 
 
-def _materialize(module: torch.nn.Module, prefix: str, src: TensorSource) -> None:
+def materialize_weights(module: torch.nn.Module, prefix: str, src: TensorSource) -> None:
     """Give a meta-device module real fp32 weights read from the checkpoint (names under `prefix`)."""
     module.to_empty(device="cpu").float()
     with torch.no_grad():
@@ -72,7 +72,7 @@ def return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, caps: torch.Tensor,
+def train_layer(cfg: ConvertConfig, mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, caps: torch.Tensor,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """OT assignment + router for one FFN on its dense inputs x [T, d] and outputs y [T, d]."""
     from dotmoe.layer_setup import layer_partition, lstsq_router, partition_kind
@@ -235,7 +235,7 @@ def _starting_state(cfg: ConvertConfig, got: _LayerwiseInputs, ckpt_path: Path):
         return state["hidden"], state["partitions"], state["routers"], state["stats"], len(state["partitions"])
     embed = got.skeleton.get_input_embeddings()
     embed_name = next(n for n, p in got.skeleton.named_parameters() if p is embed.weight)
-    _materialize(embed, embed_name.rsplit(".", 1)[0], got.src)
+    materialize_weights(embed, embed_name.rsplit(".", 1)[0], got.src)
     got.src.release()
     with torch.no_grad():
         hidden = embed(got.calib).float()
@@ -246,11 +246,11 @@ def _starting_state(cfg: ConvertConfig, got: _LayerwiseInputs, ckpt_path: Path):
 def _convert_layer(cfg: ConvertConfig, got: _LayerwiseInputs, i: int, hidden: torch.Tensor, positions, inputs,
                    caps: torch.Tensor):
     """Layer i: its weights loaded, run on `hidden` (its MLP's inputs and outputs recorded), its MLP converted
-    (`_train_layer`), its weights dropped; returns (the next layer's hidden states, partition, router, stats)."""
+    (`train_layer`), its weights dropped; returns (the next layer's hidden states, partition, router, stats)."""
     mlp_name, mlp = got.named[i]
     layer_name = mlp_name.rsplit(".", 1)[0]
     layer = got.skeleton.get_submodule(layer_name)
-    _materialize(layer, layer_name, got.src)
+    materialize_weights(layer, layer_name, got.src)
     got.src.release()  # keep only this layer's weights resident, not the checkpoint's mapped pages
     xs, ys = [], []
     hooks = [mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))),
@@ -260,7 +260,7 @@ def _convert_layer(cfg: ConvertConfig, got: _LayerwiseInputs, i: int, hidden: to
     for h in hooks:
         h.remove()
     mlp.requires_grad_(False)
-    part, router, stats = _train_layer(cfg, mlp, torch.cat(xs), torch.cat(ys), caps, cfg.seed + i)
+    part, router, stats = train_layer(cfg, mlp, torch.cat(xs), torch.cat(ys), caps, cfg.seed + i)
     layer.to("meta")  # drop this layer's weights
     del xs, ys
     return_freed_memory()

@@ -123,7 +123,10 @@ def bad_terms(terms: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v).all()] or ["loss"]
 
 
-def _accelerator(cfg: ConvertConfig):
+def build_accelerator(cfg: ConvertConfig):
+    """The accelerate `Accelerator` a joint run computes with: `cfg`'s mixed precision and gradient accumulation, CPU
+    when no GPU is found; an FSDP config that accelerate would silently run as DDP is refused. A launcher that needs
+    another set-up (tests/fsdp_cpu_launch.py: FSDP2 on CPU) replaces this function."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -167,7 +170,7 @@ def start_joint(cfg: ConvertConfig, progress: bool = True, precision: PrecisionC
     here too (dotmoe.convert)."""
     from dotmoe.resources import StagePeaks
 
-    accelerator = _accelerator(cfg)
+    accelerator = build_accelerator(cfg)
     _seed_everything(cfg.seed)
     peaks = StagePeaks()
     if precision is None:
