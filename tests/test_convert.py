@@ -185,3 +185,34 @@ def test_lr_affinity_zero_trains_with_the_starting_partition_frozen(tiny_llama_d
     assert not torch.equal(load_conversion(tmp_path / "frozen").routers[0], load_conversion(tmp_path / "free").routers[0])
     with pytest.raises(DotMoeError, match="init_affinity random has none"):
         ConvertConfig(lr_affinity=0.0, init_affinity="random")
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage Python still references (after a collection)."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_a_joint_run_holds_at_most_one_model_copy_when_its_export_begins(tiny_llama_dir, tiny_text, tmp_path,
+                                                                          monkeypatch):
+    """The export loads two models of its own to check parity: by then the run has let go of its student, teacher,
+    optimizer state and snapshots (JointFinish._release), holding at most one fp32 model's worth of tensors."""
+    import dotmoe.joint_finish as joint_finish
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model_bytes = sum(p.numel() * 4 for p in dense.parameters())
+    del dense
+    before, held = _live_tensor_bytes(), []
+    original = joint_finish.export_and_record
+    monkeypatch.setattr(joint_finish, "export_and_record",
+                        lambda *a, **k: held.append(_live_tensor_bytes() - before) or original(*a, **k))
+    convert(_cfg(tiny_llama_dir, tiny_text, tmp_path / "o", trainable="full"), progress=False)
+    assert len(held) == 1 and held[0] <= model_bytes, (held, model_bytes)
