@@ -112,12 +112,12 @@ RECIPES = {
     # 8 x 48 and drops 576). Run it in the 50% group (--top-k 4): its own top_k overrides the group's
     "k2-shared512-bf16": {"top_k": 2, "shared": 512, "drop": 0, "mixed_precision": "bf16",
                           "gradient_checkpointing": False},
-    # the same idea one step further: k=1 of 8 experts of 110 neurons beside an always-on 656 (766 of 1,536 active,
-    # 49.9%; nothing dropped). Run it in the 50% group (--top-k 4)
     # finer experts beside the same always-on 512: k=4 of 16 experts of 64 (512 + 4 x 64 = 768 active, nothing
     # dropped; the oracle bound falls with E: 5.92 at E=8, 4.46 at E=32 at 25%). Run it in the 50% group (--top-k 4)
     "e16-k4-shared512-bf16": {"experts": 16, "top_k": 4, "shared": 512, "drop": 0, "mixed_precision": "bf16",
                               "gradient_checkpointing": False},
+    # the k=2 + 512 idea one step further: k=1 of 8 experts of 110 neurons beside an always-on 656 (766 of 1,536 active,
+    # 49.9%; nothing dropped). Run it in the 50% group (--top-k 4)
     "k1-shared656-bf16": {"top_k": 1, "shared": 656, "drop": 0, "mixed_precision": "bf16",
                           "gradient_checkpointing": False},
     # the no-drop idea at 25%: k=1 of 8 experts of 165 neurons beside an always-on 216 (381 of 1,536 active, 24.8%;
@@ -167,6 +167,13 @@ def start_name(recipe: str) -> str | None:
                           if key in RECIPES[recipe])
 
 
+def structure_args(recipe: str) -> list[str]:
+    """The `dotmoe convert` options of a recipe's own structure (its `experts`, `top_k`, `shared`, ... keys): given
+    after the group's `--experts 8 --top-k K`, they override them, as in its start (start_args)."""
+    return [a for key, (_, flag) in STRUCTURE.items() if key in RECIPES[recipe]
+            for a in (flag, f"{RECIPES[recipe][key]:g}")]
+
+
 def start_args(name: str) -> list[str]:
     """The `dotmoe convert` options of the training-free start `name` (start_name)."""
     parts = name.split("-")[1:]
@@ -180,9 +187,8 @@ def run_name(recipe: str, tokens: int, seed: int) -> str:
 
 
 def convert_cmd(model: Path, out: Path, tokens: int, calib: int, eval_tokens: int, top_k: int,
-                extra: list[str], experts: int = 8) -> list[str]:
-    return [sys.executable, "-m", "dotmoe.cli", "convert", "--model", str(model), "--experts", str(experts),
-            "--top-k", str(top_k),
+                extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "dotmoe.cli", "convert", "--model", str(model), "--experts", "8", "--top-k", str(top_k),
             "--tokens", str(tokens), "--calib-tokens", str(calib), "--eval-tokens", str(eval_tokens),
             "--export-format", "none", "--out", str(out), *extra]
 
@@ -348,10 +354,8 @@ def main() -> None:
         # a run stopped with a checkpoint (e.g. at a session's end) continues exactly where it stopped
         again = "--resume" if (out / "checkpoint.pt").is_file() else "--overwrite"
         extra = [*origin, "--config", str(cfg), "--eval-every", str(args.eval_every), again,
-                 "--checkpoint-every", str(args.checkpoint_every)]
-        top_k = RECIPES[recipe].get("top_k", args.top_k)  # a recipe of its own structure (its start has it too)
-        wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, top_k, extra,
-                               RECIPES[recipe].get("experts", 8)),
+                 "--checkpoint-every", str(args.checkpoint_every), *structure_args(recipe)]
+        wall = run(convert_cmd(model, out, args.tokens, args.calib_tokens, args.eval_tokens, args.top_k, extra),
                    runs / f"{name}.log", max(1, 2 // args.jobs))
         (runs / f"{name}.wall_s").write_text(str(wall))  # beside the run: its directory holds only dotmoe's files
 
