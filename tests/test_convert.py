@@ -8,8 +8,8 @@ import torch
 from dotmoe.artifacts import load_conversion
 from dotmoe.cli import main
 from dotmoe.config import ConvertConfig
-from dotmoe.errors import DotMoeError
 from dotmoe.convert import convert
+from dotmoe.errors import DotMoeError
 
 
 def _cfg(model, data, out, **kw):
@@ -85,10 +85,9 @@ def test_cli_bad_input_is_one_clear_line(extra, message, tiny_llama_dir, tiny_te
 
 
 def test_cli_rejects_non_gated_model_and_unknown_yaml_key(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from dotmoe.paths import reference_model_dir
-    from transformers import AutoTokenizer
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
@@ -204,8 +203,9 @@ def test_a_joint_run_holds_at_most_one_model_copy_when_its_export_begins(tiny_ll
                                                                           monkeypatch):
     """The export loads two models of its own to check parity: by then the run has let go of its student, teacher,
     optimizer state and snapshots (JointFinish._release), holding at most one fp32 model's worth of tensors."""
-    import dotmoe.joint_finish as joint_finish
     from transformers import AutoModelForCausalLM
+
+    import dotmoe.joint_finish as joint_finish
 
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     model_bytes = sum(p.numel() * 4 for p in dense.parameters())
