@@ -51,6 +51,44 @@ def test_weights_that_do_not_match_config_json_are_refused(damage, shown, mode, 
     assert tree(model) == before and not (tmp_path / "out").exists()
 
 
+def _half_one_projection(tensors):
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].half()
+
+
+def test_a_weight_stored_in_another_precision_is_refused(tiny_llama_dir, tiny_text, tmp_path, capsys):
+    model = _copy(tiny_llama_dir, tmp_path / "model")
+    _edit_weights(model, _half_one_projection)
+    line = cli_error(tiny_convert_argv(tmp_path, model, tiny_text, tmp_path / "out", tokens=0), capsys)
+    assert "1 weight tensor(s) in" in line and "model.layers.0.self_attn.q_proj.weight (float16)" in line
+    assert "(float32)" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, shown", [
+    (lambda t: t.pop("model.norm.weight"), "missing from"),
+    (_half_one_projection, "stored in another precision"),
+])
+def test_every_command_that_loads_a_model_refuses_damaged_weights(damage, shown, tiny_llama_dir, tiny_text,
+                                                                   tmp_path, capsys):
+    """eval (the model and --dense), sample-data and bench speed (--dense and --moe) check the weights as convert
+    does, before any work: never a re-initialised tensor timed or scored."""
+    conv = tmp_path / "conv"
+    assert main(tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, conv, tokens=0,
+                                  export_format="qwen2_moe")) == 0
+    dense = _copy(tiny_llama_dir, tmp_path / "dense")
+    _edit_weights(dense, damage)
+    moe = _copy(conv / "model", tmp_path / "moe")
+    _edit_weights(moe, damage)
+    report = tmp_path / "r.json"
+    bench = ["bench", "speed", "--batch", "1", "--new-tokens", "2", "--runs", "1", "--prompt", "4"]
+    for argv in (["eval", "--model", str(dense), "--out", str(report)],
+                 ["eval", "--model", str(conv / "model"), "--dense", str(dense), "--out", str(report)],
+                 ["sample-data", "--model", str(dense), "--out", str(tmp_path / "s.txt"), "--tokens", "8"],
+                 bench + ["--dense", str(dense), "--moe", str(conv / "model")],
+                 bench + ["--dense", str(tiny_llama_dir), "--moe", str(moe)]):
+        assert shown in cli_error(argv, capsys), argv
+    assert not report.exists() and not (tmp_path / "s.txt").exists()
+
+
 def test_wrong_shaped_weight_is_one_line(tiny_llama_dir, tiny_text, tmp_path, capsys):
     model = _copy(tiny_llama_dir, tmp_path / "model")
     _edit_weights(model, lambda t: t.update({"model.layers.0.mlp.gate_proj.weight": torch.zeros(8, 32)}))

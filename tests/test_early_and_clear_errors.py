@@ -21,11 +21,16 @@ def test_valid_flags_never_produce_an_output_the_reader_rejects(tiny_llama_dir, 
     assert conv.meta["drop"] == 0 and conv.meta["shared"] == 0 and sum(conv.meta["capacities"]) == 64
 
 
-def test_a_shared_expert_the_export_format_cannot_hold_fails_before_any_work(tiny_llama_dir, tiny_text, tmp_path,
-                                                                             capsys):
-    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, tmp_path / "o", tokens=0, shared=8,
-                             export_format="qwen3_moe")
-    assert "shared expert" in cli_error(argv, capsys) and not (tmp_path / "o").exists()
+@pytest.mark.parametrize("structure, fmt, shown", [
+    ({"shared": 8}, "qwen3_moe", "with a shared expert exports to 'qwen2_moe', not 'qwen3_moe'"),
+    ({"shared": 0}, "qwen2_moe", "exports to 'mixtral', not 'qwen2_moe'"),  # the format needs one: none asked for
+    ({"shared_fraction": 0}, "qwen2_moe", "exports to 'mixtral', not 'qwen2_moe'"),
+])
+def test_a_structure_the_export_format_cannot_hold_fails_before_any_work(structure, fmt, shown, tiny_llama_dir,
+                                                                         tiny_text, tmp_path, capsys):
+    argv = tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, tmp_path / "o", tokens=0, export_format=fmt,
+                             **structure)
+    assert shown in cli_error(argv, capsys) and not (tmp_path / "o").exists()
 
 
 def test_a_full_disk_reached_through_a_library_is_one_line(joint_reference, tmp_path, monkeypatch, capsys):
@@ -155,3 +160,35 @@ def test_a_task_whose_label_exceeds_its_choices_is_one_line(tmp_path, capsys):
                       "mine", "--task-dir", str(tasks)], capsys)
     assert "lm-eval could not score task(s) mine" in line and "doc_to_target" in line
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["convert", "--tokens", "1e5"], "argument --tokens: invalid int value: '1e5'"),
+    (["convert", "--model", ""], "argument --model: an empty path"),
+    (["export", "--from", "", "--out", "x"], "argument --from: an empty path"),
+    (["convert", "--data", "a.txt", ""], "argument --data: an empty path"),
+])
+def test_a_bad_flag_is_one_line_not_the_usage_block(argv, shown, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and shown in err and "usage:" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content, shown", [
+    ('{"text": "unterminated\n', "could not read data file {f}: "),
+    ('{"body": "no text column"}\n', "data file {f} has no 'text' column (columns: body)"),
+])
+def test_a_damaged_jsonl_file_is_one_line_naming_it(content, shown, tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    assert shown.format(f=data) in cli_error(tiny_convert_argv(tmp_path, tiny_llama_dir, data, tmp_path / "o",
+                                                               tokens=0), capsys)
+
+
+def test_the_record_holds_the_calibration_tokens_used(tiny_llama_dir, tiny_text, tmp_path):
+    out = tmp_path / "o"  # 100 requested, whole 32-token sequences: 3 of them
+    assert main(tiny_convert_argv(tmp_path, tiny_llama_dir, tiny_text, out, tokens=0, calib_tokens=100)) == 0
+    assert load_conversion(out).meta["calibration_tokens"] == 96

@@ -162,7 +162,7 @@ def test_bad_input_writes_nothing(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
     for overwrite in (False, True):  # a directory with files dotmoe did not write: never replaced
-        with pytest.raises(DotMoeError, match=r"holds files that dotmoe did not write \(x\)"):
+        with pytest.raises(DotMoeError, match=r"holds files that dotmoe did not write or that changed since \(x\)"):
             export(conv, tmp_path / "busy", progress=False, overwrite=overwrite)
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()

@@ -157,7 +157,7 @@ def test_convert_never_replaces_a_finished_result_or_an_interrupted_run(work, re
         assert tree(out) == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    assert "holds files that dotmoe did not write (notes.txt)" in cli_error(argv + ["--out", str(tmp_path / "mine")],
+    assert "did not write or that changed since (notes.txt)" in cli_error(argv + ["--out", str(tmp_path / "mine")],
                                                                               capsys)
     assert "pass only one" in cli_error(argv + ["--out", str(tmp_path / "new"), "--resume", "--overwrite"], capsys)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "new").exists()

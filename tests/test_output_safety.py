@@ -29,7 +29,7 @@ def test_overwrite_replaces_only_what_dotmoe_wrote(joint_reference, tiny_llama_d
     inner = _copy(finished, tmp_path / "inner")  # ... or inside its exported model
     (inner / "model").mkdir(exist_ok=True)
     (inner / "model" / "my_weights.safetensors").write_bytes(b"x")
-    for out, shown in ((stranger, "(notes.txt, sub)"), (mixed, "(results.csv)"), (inner, "model/my_weights")):
+    for out, shown in ((stranger, "(notes.txt, sub/data.bin)"), (mixed, "(results.csv)"), (inner, "model/my_weights")):
         before = tree(out)
         line = cli_error(argv + ["--out", str(out), "--overwrite"], capsys)
         assert "holds files that dotmoe did not write" in line and shown in line and "even with --overwrite" in line
@@ -41,12 +41,49 @@ def test_overwrite_replaces_only_what_dotmoe_wrote(joint_reference, tiny_llama_d
     (export_dir / "config.json").write_text("{}")  # not a dotmoe export
     before = tree(export_dir)
     line = cli_error(["export", "--from", str(conv), "--out", str(export_dir), "--overwrite"], capsys)
-    assert "holds files that dotmoe did not write (config.json)" in line and tree(export_dir) == before
+    assert "did not write or that changed since (config.json)" in line and tree(export_dir) == before
     shutil.rmtree(export_dir)
     assert main(["export", "--from", str(conv), "--out", str(export_dir), "--check-tokens", "0"]) == 0
     assert "holds an earlier export (pass --overwrite" in cli_error(
         ["export", "--from", str(conv), "--out", str(export_dir)], capsys)
     assert main(["export", "--from", str(conv), "--out", str(export_dir), "--check-tokens", "0", "--overwrite"]) == 0
+
+    # dotmoe's records decide, not the file names: a user's file named like one dotmoe writes, or a file of the
+    # result that somebody changed since, is never replaced
+    (export_dir / "README.md").write_text("my notes on this model")
+    user_named = tree(export_dir)
+    line = cli_error(["export", "--from", str(conv), "--out", str(export_dir), "--overwrite"], capsys)
+    assert "did not write or that changed since (README.md)" in line and tree(export_dir) == user_named
+    edited = _copy(finished, tmp_path / "edited")
+    with (edited / "train_log.jsonl").open("a") as fh:
+        fh.write('{"my": "note"}\n')
+    before = tree(edited)
+    assert "(train_log.jsonl)" in cli_error(argv + ["--out", str(edited), "--overwrite"], capsys)
+    assert tree(edited) == before
+
+
+def test_single_file_outputs_replace_only_what_dotmoe_wrote(tiny_llama_dir, tmp_path, capsys):
+    """sample-data and eval reports: --overwrite (or an eval's replacing) takes only an earlier file of
+    dotmoe's, never a file of the same name somebody else wrote."""
+    model = tiny_llama_dir
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my own corpus")
+    line = cli_error(["sample-data", "--model", str(model), "--out", str(mine), "--tokens", "16", "--overwrite"],
+                     capsys)
+    assert "dotmoe did not write it" in line and mine.read_text() == "my own corpus"
+    report = tmp_path / "r.json"
+    (tmp_path / "r_recon.png").write_bytes(b"\x89PNG\r\n\x1a\nmine")  # a user's plot, named as eval names its own
+    line = cli_error(["eval", "--model", str(model), "--tokens", "128", "--out", str(report)], capsys)
+    assert "r_recon.png" in line and "dotmoe did not write it" in line and not report.exists()
+    (tmp_path / "r_recon.png").unlink()
+    assert main(["eval", "--model", str(model), "--tokens", "256", "--recon-tokens", "256",
+                 "--out", str(report)]) == 0
+    assert main(["eval", "--model", str(model), "--tokens", "256", "--recon-tokens", "256",
+                 "--out", str(report)]) == 0  # its own earlier report is replaced
+    before = report.read_bytes()  # ... but no other kind of output, though dotmoe wrote it
+    line = cli_error(["sample-data", "--model", str(model), "--out", str(report), "--tokens", "16", "--overwrite"],
+                     capsys)
+    assert "is not an earlier dotmoe sampled text" in line and report.read_bytes() == before
 
 
 def test_demo_refuses_results_it_did_not_write_before_any_work(tmp_path, capsys):
@@ -55,7 +92,7 @@ def test_demo_refuses_results_it_did_not_write_before_any_work(tmp_path, capsys)
     before = tree(tmp_path)
     started = time.time()
     line = cli_error(["demo", "--out", str(tmp_path), "--overwrite"], capsys)
-    assert "holds files that dotmoe did not write (thesis.tex)" in line
+    assert "holds files that dotmoe did not write or that changed since (thesis.tex)" in line
     assert tree(tmp_path) == before and not (tmp_path / "dotmoe").exists() and time.time() - started < 60
 
 
@@ -110,6 +147,27 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(joint_referen
         holder.communicate("")
     assert not out.exists()  # the holder wrote nothing: no trace left
     assert main(argv + ["--out", str(out)]) == 0 and (out / "COMPLETE").is_file()
+
+
+def test_a_second_export_eval_or_sample_to_the_same_out_is_refused_naming_the_holder(tiny_llama_dir, tmp_path,
+                                                                                       capsys):
+    conv = fake_conversion(tiny_llama_dir, tmp_path / "conv")
+    outs = {"export": tmp_path / "moe", "eval": tmp_path / "r.json", "sample": tmp_path / "s.txt"}
+    argvs = {"export": ["export", "--from", str(conv), "--out", str(outs["export"]), "--check-tokens", "0"],
+             "eval": ["eval", "--model", str(tiny_llama_dir), "--tokens", "256", "--out", str(outs["eval"])],
+             "sample": ["sample-data", "--model", str(tiny_llama_dir), "--out", str(outs["sample"]), "--tokens", "8"]}
+    for name, out in outs.items():
+        holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom dotmoe.run_dir import destination_lock\n"
+                                   f"with destination_lock({str(out)!r}):\n    print('held', flush=True)\n"
+                                   "    sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            assert f"is being written by process {holder.pid}" in cli_error(argvs[name], capsys), name
+            assert not out.exists()
+        finally:
+            holder.communicate("")
+        assert not any(p.name.endswith(".dotmoe.lock") for p in tmp_path.iterdir())  # no trace left
+    assert main(argvs["export"]) == 0 and (outs["export"] / "config.json").is_file()
 
 
 def test_overwrite_keeps_the_previous_result_until_the_new_one_is_complete(joint_reference, tmp_path, capsys,

@@ -7,6 +7,7 @@ import pytest
 from dotmoe.atomic import atomic_write, staged_directory
 from dotmoe.errors import DotMoeError
 from dotmoe.record import ConversionRecord, RecordError
+from dotmoe.written import WRITTEN, read_written, written_by_dotmoe
 
 BASE = dict(method="dotmoe", base_model="/m", num_layers=2, intermediate_size=64, experts=4, top_k=2,
             mlp_modules=["model.layers.0.mlp", "model.layers.1.mlp"], gating="softmax", capacities=[16, 16, 16, 16])
@@ -58,7 +59,8 @@ def test_atomic_write_keeps_the_previous_file_on_failure(tmp_path):
 
     with pytest.raises(DotMoeError, match="cannot write the file: No space left on device \\(kept\\)"):
         atomic_write(target, full_disk, what="the file", note="kept")
-    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [WRITTEN, "f.json"]
+    assert read_written(tmp_path)["f.json"][:2] == [3, target.stat().st_mtime_ns]  # the record: still the old file
 
 
 def test_staged_directory_replaces_only_when_complete(tmp_path):
@@ -69,7 +71,9 @@ def test_staged_directory_replaces_only_when_complete(tmp_path):
         with staged_directory(target) as tmp:
             (tmp / "b").write_text("2")
             raise ValueError("stopped half-way")
-    assert sorted(p.name for p in target.iterdir()) == ["a"] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in target.iterdir()) == [WRITTEN, "a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     with staged_directory(target) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in target.iterdir()) == [WRITTEN, "b"] and written_by_dotmoe(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -77,8 +77,63 @@ def check_model_dir(path: str | Path, require_dense: bool = False) -> Path:
     if require_dense and is_moe:
         why = f"{moe_keys[0]} = {config[moe_keys[0]]}" if moe_keys else f"model_type {model_type!r}"
         raise DotMoeError(f"{path} is already a Mixture-of-Experts model ({why}); dotmoe converts dense models")
-    model_weight_files(path)  # its own weight files (never a stray *.safetensors beside them) exist and are readable
-    return path
+    check_weight_dtypes(path, model_weight_files(path))  # its own weight files (never a stray *.safetensors beside
+    return path                                          # them) exist, are readable and of one precision
+
+
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def check_weight_dtypes(path: Path, files: list[Path]) -> None:
+    """The floating-point weights are stored in one precision: a tensor of another (an fp16 projection among fp32
+    weights) is a damaged or hand-edited checkpoint; transformers would cast it silently and every number
+    computed from the model would be the damaged one's. Reads the safetensors headers only."""
+    import struct
+    from collections import Counter
+
+    dtypes: dict[str, str] = {}
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                size = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(size)) if size < 100 * 2**20 else {}
+        except (OSError, struct.error, ValueError, UnicodeDecodeError):
+            continue  # unreadable headers are reported by the loader, naming the file
+        dtypes.update({k: FLOAT_DTYPES[v["dtype"]] for k, v in header.items()
+                       if isinstance(v, dict) and v.get("dtype") in FLOAT_DTYPES})
+    if len(set(dtypes.values())) < 2:
+        return
+    common = Counter(dtypes.values()).most_common(1)[0][0]
+    odd = sorted(k for k, v in dtypes.items() if v != common)
+    more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+    raise DotMoeError(f"{len(odd)} weight tensor(s) in {path} stored in another precision than the other "
+                      f"{len(dtypes) - len(odd)} ({common}): {', '.join(f'{k} ({dtypes[k]})' for k in odd[:3])}{more}; "
+                      "a damaged or edited checkpoint (save every weight in one dtype)")
+
+
+def from_pretrained_checked(path: Path, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` (safetensors only) with its load report replaced by one line: a
+    missing, unexpected or wrong-shaped tensor is an error, never a silently re-initialised weight."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by check_loaded_weights' one line
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                           trust_remote_code=trust_remote_code,
+                                                           ignore_mismatched_sizes=True, output_loading_info=True,
+                                                           **kwargs)
+    except ValueError as exc:
+        raise DotMoeError(f"cannot load {path} as a causal LM: {str(exc).splitlines()[0]}") from exc
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise DotMoeError(f"cannot read model weights in {path}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loaded_weights(path, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                         [k[0] for k in info.get("mismatched_keys", ())])
+    return model
 
 
 def check_loaded_weights(path: Path, missing, unexpected, mismatched=()) -> None:
@@ -109,26 +164,10 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
 
     Only safetensors weights are accepted (no pickle), and remote code runs only when asked for.
     """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     path = check_model_dir(path, require_dense)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report is replaced by check_loaded_weights' one line
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                           trust_remote_code=trust_remote_code,
-                                                           ignore_mismatched_sizes=True, output_loading_info=True)
-    except ValueError as exc:
-        raise DotMoeError(f"cannot load {path} as a causal LM: {str(exc).splitlines()[0]}") from exc
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        raise DotMoeError(f"cannot read model weights in {path}: {str(exc).splitlines()[0]}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    check_loaded_weights(path, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
-                         [k[0] for k in info.get("mismatched_keys", ())])
+    model = from_pretrained_checked(path, dtype, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # tokenizers raise many exception types

@@ -20,14 +20,19 @@ def temporary_name(path: Path, unique: bool = False) -> Path:
 
 
 def atomic_write(path: Path, write: Callable[[Path], object], what: str | None = None, note: str = "",
-                 unique: bool = False) -> None:
-    """`write(tmp)`, then rename `tmp` onto `path`. An OSError (or one a library wrapped) becomes the one-line
-    error "cannot write WHAT: REASON (NOTE)"; anything else is re-raised as it is."""
+                 unique: bool = False, record: str | None = "result") -> None:
+    """`write(tmp)`, then rename `tmp` onto `path` and note it in its directory's record of what dotmoe wrote,
+    as a file of kind `record` (None: a cache, not recorded). An OSError (or one a library wrapped) becomes the
+    one-line error "cannot write WHAT: REASON (NOTE)"; anything else is re-raised as it is."""
+    from dotmoe.written import note_written
+
     path = Path(path)
     tmp = temporary_name(path, unique)
     try:
         write(tmp)
         os.replace(tmp, path)
+        if record:
+            note_written(path, kind=record)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         why = write_failure(exc)  # safetensors and torch wrap the OSError
@@ -38,14 +43,18 @@ def atomic_write(path: Path, write: Callable[[Path], object], what: str | None =
 
 @contextmanager
 def staged_directory(target: Path) -> Iterator[Path]:
-    """A fresh temporary directory beside `target` to write into; when the block finishes it replaces `target`
-    (a previous one is renamed aside, then deleted), when the block fails it is removed and `target` stays."""
+    """A fresh temporary directory beside `target` to write into; when the block finishes its files are noted as
+    dotmoe's and it replaces `target` (a previous one is renamed aside, then deleted), when the block fails it is
+    removed and `target` stays."""
     target = Path(target)
     tmp = temporary_name(target, unique=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    from dotmoe.written import note_tree
+
     try:
         yield tmp
+        note_tree(tmp)  # renames keep the sizes and modification times the records hold
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)

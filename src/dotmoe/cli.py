@@ -92,20 +92,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig(model=args.model, dense=args.dense or "", data=args.data or [], tokens=args.tokens,
                      recon_tokens=args.recon_tokens, tasks=args.tasks or [], task_dir=args.task_dir or "",
                      limit=args.limit, trust_remote_code=args.trust_remote_code, out=str(out))
-    report = evaluate(cfg)
-    print(format_report(report))
-    from dotmoe.errors import has_extra
+    from dotmoe.run_dir import destination_lock
 
-    if has_extra("matplotlib"):
-        from dotmoe.plots import load_heatmap, recon_per_layer
+    with destination_lock(out):  # one eval at a time writes this report and its plots
+        report = evaluate(cfg)
+        print(format_report(report))
+        from dotmoe.errors import has_extra
 
-        if "router" in report:
-            load_heatmap(report["router"]["load"], plot_paths(out)[0], f"expert load: {Path(args.model).name}")
-        if "recon_error" in report:
-            recon_per_layer({Path(args.model).name: report["recon_error"]}, plot_paths(out)[1])
-    else:
-        print("no PNG plots: they need the optional package 'matplotlib' (pip install 'dotmoe[plots]')")
-    print(f"report: {out}")
+        if has_extra("matplotlib"):
+            from dotmoe.plots import load_heatmap, recon_per_layer
+
+            if "router" in report:
+                load_heatmap(report["router"]["load"], plot_paths(out)[0], f"expert load: {Path(args.model).name}")
+            if "recon_error" in report:
+                recon_per_layer({Path(args.model).name: report["recon_error"]}, plot_paths(out)[1])
+        else:
+            print("no PNG plots: they need the optional package 'matplotlib' (pip install 'dotmoe[plots]')")
+        print(f"report: {out}")
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> None:
@@ -154,8 +157,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     import torch
 
+    from dotmoe.atomic import atomic_write
     from dotmoe.config import ConvertConfig
     from dotmoe.convert import convert
+    from dotmoe.guards import check_replaceable_file
     from dotmoe.resume_guards import check_convert_output
 
     given = {k: getattr(args, k) for k in ("eval_tokens", "calib_tokens") if getattr(args, k) is not None}
@@ -163,13 +168,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     runs = [replace(base, method=m, out=str(Path(args.out) / m)) for m in ("dotmoe", "random")]
     for cfg in runs:  # both outputs before the first run: never refused after minutes of work
         check_convert_output(cfg)
+    report = Path(args.out) / "demo.md"
+    check_replaceable_file(report, "the report", "demo report")
     out_dirs = [convert(cfg).out_dir for cfg in runs]
     options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items())
     header = (f"`dotmoe demo --tokens {args.tokens} --eval-every {args.eval_every}{options}` on {platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     text = demo_report(out_dirs, header)
     print("\n" + text)
-    (Path(args.out) / "demo.md").write_text(text + "\n")
+    atomic_write(report, lambda tmp: tmp.write_text(text + "\n"), record="demo report")
 
 
 def demo_report(out_dirs: list[Path], header: str) -> str:
@@ -202,16 +209,19 @@ def demo_report(out_dirs: list[Path], header: str) -> str:
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
     from dotmoe.architecture import load_causal_lm
-    from dotmoe.guards import check_file_destination, check_separate
+    from dotmoe.guards import check_file_destination, check_replaceable_file, check_separate
+    from dotmoe.run_dir import destination_lock
     from dotmoe.self_data import sample_texts, write_texts
 
     check_file_destination(args.out, "--out")
     check_separate(args.out, {"model": [args.model]})
     if Path(args.out).exists() and not args.overwrite:
         raise DotMoeError(f"--out {args.out} exists; pass --overwrite to replace it")
-    model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
-    texts = sample_texts(model.eval(), tokenizer, args.tokens, args.length, args.batch, args.top_p, args.seed)
-    print(f"{len(texts)} samples -> {write_texts(texts, args.out)}")
+    check_replaceable_file(args.out, "--out", "sampled text")  # --overwrite: only an earlier sample-data file
+    with destination_lock(args.out):  # one process at a time writes this file
+        model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+        texts = sample_texts(model.eval(), tokenizer, args.tokens, args.length, args.batch, args.top_p, args.seed)
+        print(f"{len(texts)} samples -> {write_texts(texts, args.out)}")
 
 
 def build_parser():

@@ -176,10 +176,30 @@ def _add_helper_commands(sub, handlers: dict[str, Callable]) -> None:
     p.set_defaults(func=handlers["info"])
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a bad flag is one stderr line naming the problem and where the options are listed (not the
+    whole usage block), exit code 2 as for every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Also: a path option given as an empty string is an error, never read as "the default" or ".". """
+        parsed = super().parse_args(args, namespace)
+        for dest in PATH_OPTIONS:
+            value = getattr(parsed, dest, None)
+            if value == "" or isinstance(value, list) and "" in value:
+                self.error(f"argument --{'from' if dest == 'source' else dest.replace('_', '-')}: an empty path")
+        return parsed
+
+
+PATH_OPTIONS = ("model", "data", "eval_data", "out", "config", "init_from", "source", "dense", "moe", "task_dir")
+
+
 def build_parser(handlers: dict[str, Callable]) -> argparse.ArgumentParser:
     """The `dotmoe` parser; `handlers` maps each command (`bench_speed` for `bench speed`, `sample_data`, ...)
     to the function that runs it (`args.func`)."""
-    parser = argparse.ArgumentParser(prog="dotmoe", description="Dense LLM -> Mixture-of-Experts (DOT-MoE).")
+    parser = OneLineErrors(prog="dotmoe", description="Dense LLM -> Mixture-of-Experts (DOT-MoE).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub, handlers)
     _add_helper_commands(sub, handlers)

@@ -243,8 +243,8 @@ class ConvertConfig:
     def fit_shared_to_export(self, dense_config: dict) -> str:
         """When the shared expert comes from the default `shared_fraction` but the model's MoE format has no shared
         expert (Qwen3-MoE; Mistral's sliding window in Qwen2-MoE), fall back to a plain MoE (shared_fraction 0) and
-        return a one-line warning ('' when nothing changed). An explicit --shared the format cannot hold fails
-        here, before any work."""
+        return a one-line warning ('' when nothing changed). An explicit --shared (0 included) that the format
+        cannot hold fails here, before any work."""
         from dotmoe.export_formats import plan_export
 
         if self.export_format == "none":
@@ -252,7 +252,8 @@ class ConvertConfig:
         if self.shared:
             plan_export(dense_config, self.export_format, self.shared, self.gating, self.top_k)
             return ""
-        if self.shared is not None or self.shared_fraction == 0:
+        if self.shared is not None or self.shared_fraction == 0:  # none asked for: the format must hold none
+            plan_export(dense_config, self.export_format, 0, self.gating, self.top_k)
             return ""
         try:
             plan_export(dense_config, self.export_format, 1, self.gating, self.top_k)

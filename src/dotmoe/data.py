@@ -56,6 +56,7 @@ class TextFiles:
         import datasets
 
         datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own report of a bad file: ours is one line
         # a private, temporary cache: datasets would otherwise keep files in ~/.cache/huggingface/datasets (and
         # fail on a read-only HOME); streaming reads the file itself, row group by row group
         with tempfile.TemporaryDirectory(prefix="dotmoe-datasets-") as cache:
@@ -64,7 +65,8 @@ class TextFiles:
                                                   cache_dir=cache))
                 for row, record in enumerate(rows):
                     if self.text_column not in record:
-                        raise DotMoeError(f"data has no {self.text_column!r} column (columns: {', '.join(record)})")
+                        raise DotMoeError(f"data file {f} has no {self.text_column!r} column (columns: "
+                                          f"{', '.join(record)})")
                     text = record[self.text_column]
                     if not isinstance(text, str):
                         raise DotMoeError(f"data file {f}: the {self.text_column!r} column must hold strings, row "

@@ -250,6 +250,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.tasks or cfg.task_dir:  # so are the tasks
         resolve_tasks(cfg.tasks, cfg.task_dir)
     model, tok = _load(cfg.model, cfg.trust_remote_code)
+    if cfg.dense:  # loaded (and its weights checked) before the evaluation, not after it
+        dense, dense_tok = _load(cfg.dense, False)
+        if len(dense_tok) != len(tok):
+            raise DotMoeError(f"dense tokenizer has {len(dense_tok)} tokens, the model's {len(tok)}")
     base = cfg.dense or getattr(model.config, "dotmoe", {}).get("base_model") or cfg.model
     texts = TextFiles(cfg.data or [str(default_data_file("test", base))])
     ids = tokenize_stream(tok, texts, max_tokens=cfg.tokens)
@@ -267,9 +271,6 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     report["ppl"] = perplexity(model, ids, cfg.seq_len, cfg.stride, batch_size=cfg.batch_size, progress=progress)
     recon_batches = _batches(ids, cfg.seq_len, cfg.recon_tokens)
     if cfg.dense:
-        dense, dense_tok = _load(cfg.dense, False)
-        if len(dense_tok) != len(tok):
-            raise DotMoeError(f"dense tokenizer has {len(dense_tok)} tokens, the model's {len(tok)}")
         report["dense_params"] = sum(p.numel() for p in dense.parameters())
         report["dense_ppl"] = cfg.dense_ppl or perplexity(dense, ids, cfg.seq_len, cfg.stride,
                                                           batch_size=cfg.batch_size, progress=progress)
@@ -286,7 +287,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), record="eval report")
     return report
 
 

@@ -28,7 +28,7 @@ from dotmoe.errors import DotMoeError
 from dotmoe.export_formats import ExportPlan, moe_config, plan_export
 from dotmoe.guards import check_export_destination
 from dotmoe.record import ConversionRecord
-from dotmoe.run_dir import REMOTE_CODE, TOKENIZER_FILES
+from dotmoe.run_dir import REMOTE_CODE, TOKENIZER_FILES, destination_lock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -238,8 +238,15 @@ def export(convert_dir: str | Path, out: str | Path, fmt: str = "auto", dtype: s
            max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, check_tokens: int = 256,
            pad_to: int = 8, progress: bool = True, require_complete: bool = True) -> ExportResult:
     """Write the conversion in `convert_dir` as a MoE checkpoint in `out` (see module doc); optionally check it.
-    `require_complete=False` is for `convert` itself, which exports before it marks its output finished."""
-    convert_dir, out = Path(convert_dir), Path(out)
+    `require_complete=False` is for `convert` itself, which exports before it marks its output finished. One
+    export at a time writes `out` (a second is refused, naming the first)."""
+    with destination_lock(out):
+        return _export(Path(convert_dir), Path(out), fmt, dtype, max_shard_bytes, overwrite, check_tokens, pad_to,
+                       progress, require_complete)
+
+
+def _export(convert_dir: Path, out: Path, fmt: str, dtype: str, max_shard_bytes: int, overwrite: bool,
+            check_tokens: int, pad_to: int, progress: bool, require_complete: bool) -> ExportResult:
     conv = load_conversion(convert_dir, require_complete)
     record = conv.record
     base_dir = Path(record.base_model)

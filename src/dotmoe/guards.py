@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from dotmoe.errors import DotMoeError
-from dotmoe.run_dir import foreign_export_entries, is_leftover, refuse_foreign
+from dotmoe.run_dir import foreign_export_entries, refuse_foreign
+from dotmoe.written import is_leftover, written_by_dotmoe
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -144,16 +145,21 @@ def check_report_destination(out: str | Path, companions: Iterable[Path] = ()) -
     if out.suffix != ".json":
         raise DotMoeError(f"--out {out} must be a .json file name")
     check_file_destination(out, "--out")
-    if out.exists():
-        try:
-            earlier = json.loads(out.read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if not (isinstance(earlier, dict) and "ppl" in earlier and "model" in earlier):
-            raise DotMoeError(f"--out {out} exists and is not an earlier dotmoe eval report; it is not replaced")
+    check_replaceable_file(out, "--out", "eval report")
     for plot in companions:
-        if plot.is_dir() or plot.exists() and read_head(plot) != b"\x89PNG\r\n\x1a\n":
-            raise DotMoeError(f"the plot {plot} (written beside --out) exists and is not a PNG; it is not replaced")
+        check_replaceable_file(plot, "the plot written beside --out,", "plot")
+
+
+def check_replaceable_file(path: Path, flag: str, kind: str) -> None:
+    """An existing file at `path` is replaced only if dotmoe wrote it as a file of this `kind` (an earlier eval
+    report, ...) and it has not changed since (its directory's record says so): never an input, a user's file,
+    another kind of output (a model's config.json) or an edited result, whatever its name."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise DotMoeError(f"{flag} {path} is a directory; give a file name")
+    if (path.exists() or path.is_symlink()) and not written_by_dotmoe(path, kind=kind):
+        raise DotMoeError(f"{flag} {path} exists and is not an earlier dotmoe {kind} (dotmoe did not write it, "
+                          "or it changed since); it is not replaced, even with --overwrite: choose another name")
 
 
 def read_head(path: Path, n: int = 8) -> bytes:

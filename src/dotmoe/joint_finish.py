@@ -132,6 +132,7 @@ class JointFinish:
             gating=cfg.gating, capacities=self.caps.tolist(), intermediate_size=prep.num_neurons,
             num_layers=len(self.moes), mlp_modules=prep.mlp_names, base_model=str(prep.model_path.resolve()),
             train_tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, steps=cfg.steps,
+            calibration_tokens=calibration_sequences(prep.seqs, cfg).numel(),  # the number used, not calib_tokens
             processes=self.accelerator.num_processes, wall_seconds=round(time.time() - self.t0, 1),
             final_terms={k: v for k, v in self.history[-1].items() if k not in ("step", "tokens")}
             if self.history else {},

@@ -5,7 +5,6 @@ One `accelerate` loop, so the same code runs on one CPU, one GPU or several (DDP
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from dotmoe.sharding import full_optimizer_state, full_trainable_state, gathered
 from dotmoe.step_profile import StepProfiler
 from dotmoe.stop_signals import stop_at_step_boundaries, stop_requested
 from dotmoe.train import JointStart, bad_terms, start_joint
+from dotmoe.written import append_record
 
 
 def convert_joint(cfg: ConvertConfig, progress: bool = True) -> ConvertResult:
@@ -133,8 +133,7 @@ class JointRecipe(JointSetup, JointFinish):
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", cv=f"{record['load_cv']:.2f}",
                             err=f"{record['marginal_error']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if self.accelerator.is_main_process:
-                with self.log_path.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                append_record(self.log_path, record)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 if self.good is not None:
                     self.good = snapshot(raw, self.optimizer)
@@ -195,8 +194,7 @@ class JointRecipe(JointSetup, JointFinish):
         else:
             revert_to_checkpoint(raw, self.optimizer, self.ckpt_path)
         if self.accelerator.is_main_process:
-            with self.log_path.open("a") as fh:
-                fh.write(json.dumps(event) + "\n")
+            append_record(self.log_path, event)
         bar.write(f"non-finite loss at step {step + 1} (terms {event['terms']}, router layers "
                   f"{event['router_layers']}); reverted to the last good state and skipped the batch")
         if self.failures >= self.cfg.max_bad_steps:

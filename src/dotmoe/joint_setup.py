@@ -24,6 +24,7 @@ from dotmoe.resume_guards import prepare_output
 from dotmoe.sharding import gathered, has_sharded_parameters, load_full_optimizer_state, load_full_state
 from dotmoe.teacher_cache import make_teacher_cache
 from dotmoe.train import MoeTrainingModule, refit_moe_down
+from dotmoe.written import append_record, note_written
 
 
 class JointSetup:
@@ -173,6 +174,7 @@ class JointSetup:
             if self.accelerator.is_main_process and log_path.exists():  # drop the records of steps that are redone
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in kept_records(log_path, self.start_step,
                                                                                        True)))
+                note_written(log_path)
         elif self.accelerator.is_main_process:
             log_path.unlink(missing_ok=True)
 
@@ -189,5 +191,4 @@ class JointSetup:
             start = {"step": 0, "tokens": 0, "tau": round(self.tau, 5), "val_ppl": self.evaluate(0)}
             self.history.append(start)
             if self.accelerator.is_main_process:
-                with self.log_path.open("a") as fh:
-                    fh.write(json.dumps(start) + "\n")
+                append_record(self.log_path, start)

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dotmoe.written import note_written  # noqa: E402
+
 
 def ppl_vs_active(points: dict[str, list[tuple[float, float]]], dense_ppl: float, path: str | Path) -> Path:
     """points: method -> [(active FFN fraction, PPL)], one line per method, dense PPL as a reference line."""
@@ -56,4 +58,5 @@ def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    note_written(path, kind="plot")  # an eval replaces its earlier plots only while nobody changed them
     return path

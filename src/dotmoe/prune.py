@@ -157,6 +157,8 @@ def _pruned_record(cfg: ConvertConfig, prep, model_dir, keep: int, trained, ppls
                    peaks, precision, wall: float) -> ConversionRecord:
     """The record of a pruned conversion: `ppls` (pruned, dense), `refit` (errors, ridges), `trained` the
     distillation's result (None without training)."""
+    from dotmoe.prepare import calibration_sequences
+
     model, (ppl, dense_ppl), (refit_errors, refit_ridges) = prep.model, ppls, refit
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
@@ -166,6 +168,7 @@ def _pruned_record(cfg: ConvertConfig, prep, model_dir, keep: int, trained, ppls
         method="prune", mode="prune", experts=cfg.experts, top_k=cfg.top_k, shared=cfg.shared, drop=cfg.drop,
         gating=None, intermediate_size=prep.num_neurons, kept_neurons=keep, num_layers=len(prep.mlps),
         mlp_modules=prep.mlp_names, base_model=str(prep.model_path.resolve()),
+        calibration_tokens=calibration_sequences(prep.seqs, cfg).numel(),
         train_tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, steps=cfg.steps, wall_seconds=wall,
         final_terms={k: v for k, v in trained.history[-1].items() if k not in ("step", "tokens")}
         if trained and trained.history else {}, val_ppl=round(ppl, 4),

@@ -78,7 +78,7 @@ class ConversionRecord:
     refit_errors: list | None = None
     refit_ridges: list | None = None
     layer_errors: list | None = None  # layerwise: each layer's FFN error on the calibration tokens
-    calibration_tokens: int | None = None  # layerwise: the number used
+    calibration_tokens: int | None = None  # the number used: whole seq_len sequences, at least one
     kept_neurons: int | None = None  # prune: neurons kept per layer
     # resources and provenance
     peak_rss_mb: dict | None = None  # a StagePeaks while the run goes on

@@ -15,7 +15,8 @@ import torch
 from dotmoe.errors import DotMoeError
 from dotmoe.guards import check_separate
 from dotmoe.run_dir import (CHECKPOINT, COMPLETE, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, RUN_FILES, file_sha256,
-                            foreign_entries, is_leftover, is_temporary, refuse_foreign, set_aside)
+                            foreign_entries, refuse_foreign, set_aside)
+from dotmoe.written import is_leftover, is_temporary
 
 # settings that change where or how a run is written or computed, never its result: a resume may change them
 # (gradient checkpointing recomputes the same forward: bit-identical, tests/test_training_memory.py; compile runs

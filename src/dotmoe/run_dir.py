@@ -1,8 +1,9 @@
 """What dotmoe writes into an output directory, and the rules that keep everything else safe.
 
-- The file names of a `convert` output and of an exported checkpoint live here (one list each), so a directory can
-  be recognised as dotmoe's own: `--overwrite` replaces only what dotmoe wrote, never a directory that also holds
-  anything else (`foreign_entries`).
+- Every file dotmoe writes is noted in its directory's record (`.dotmoe-written.json`: name, size, modification
+  time; `note_written`, called by every atomic write): `--overwrite` replaces only what dotmoe wrote and nobody
+  changed since, never a directory that also holds anything else, whatever the names (`foreign_entries`). The
+  file names of a `convert` output and of an export live here too (what readers look for).
 - `output_lock`: one run at a time per output directory; a second process is refused, naming the holder.
 - `set_aside` / `drop_previous` / `restore_previous`: `--overwrite` moves the previous result aside (a rename), and
   it is deleted only once the new result is complete; a run that stops before it saved a checkpoint puts it back.
@@ -10,7 +11,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import hashlib
 import json
@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dotmoe.errors import DotMoeError
+from dotmoe.written import (DESTINATION_LOCK_SUFFIX, INTERNAL, LOCK, PREVIOUS, WRITTEN, is_leftover,
+                            not_written_by_dotmoe)
 
 # files of a `dotmoe convert` output directory (artifacts.py / joint_recipe.py / layerwise.py own their contents)
 COMPLETE = "COMPLETE"  # written last: its presence is what makes a conversion directory a finished result
@@ -35,20 +37,11 @@ EXPORT_DIR = "model"
 TRAIN_LOG = "train_log.jsonl"  # one JSON record per training step (and evaluation, and skipped bad step)
 RUN_FILES = (META_FILE, "assignment.safetensors", "trained_weights.safetensors", TRAIN_LOG, EXPORT_DIR,
              BEST_STATE)
-CONVERT_FILES = frozenset((COMPLETE, CHECKPOINT, LAYERWISE_CHECKPOINT, LAYERWISE_DIR, *RUN_FILES))
 
-# files of an exported checkpoint (export.py), and what `dotmoe eval` writes beside it by default
+# files an export copies from the dense model, and its remote code (export.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 REMOTE_CODE = ("configuration_dotmoe.py", "modeling_dotmoe.py")
-EXPORT_FILES = frozenset(("config.json", "README.md", "parity.json", META_FILE, "model.safetensors.index.json",
-                          "eval.json", "eval_expert_load.png", "eval_recon.png", *TOKENIZER_FILES, *REMOTE_CODE))
-EXPORT_PATTERNS = ("model.safetensors", "model-?????-of-?????.safetensors")
-
-LOCK = ".dotmoe.lock"  # held by the run writing the directory
-PREVIOUS = ".dotmoe-previous"  # the result an --overwrite run replaces, until the new one is complete
-INTERNAL = frozenset((LOCK, PREVIOUS))
-
 
 HASH_CACHE_MIN_BYTES = 64 * 2**20  # smaller files are rehashed (faster than a cache lookup is worth)
 
@@ -95,7 +88,7 @@ def write_json_cache(path: Path, data: dict) -> None:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)), unique=True)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)), unique=True, record=None)
     except (OSError, DotMoeError):
         pass
 
@@ -105,17 +98,6 @@ def file_sha256(path: str | Path) -> str:
     path = Path(path).resolve()
     st = path.stat()
     return _sha256(str(path), st.st_size, st.st_mtime_ns)
-
-
-def is_temporary(entry: Path) -> bool:
-    """A temporary file or directory a killed run may leave behind (never part of a result)."""
-    return entry.name.startswith((".dotmoe-write-test-", ".model.tmp-", ".model.old-")) or entry.name.endswith(".tmp")
-
-
-def is_leftover(entry: Path) -> bool:
-    """Temporary files, empty directories (e.g. made by a run stopped before it wrote anything) and the lock."""
-    return (entry.name in INTERNAL or is_temporary(entry)
-            or entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir()))
 
 
 def is_export(path: Path) -> bool:
@@ -128,27 +110,18 @@ def is_export(path: Path) -> bool:
 
 
 def foreign_export_entries(path: Path) -> list[str]:
-    """The entries of the export directory `path` that dotmoe did not write (all of them if it is no export)."""
-    names = sorted(e.name for e in path.iterdir() if not is_leftover(e))
+    """The entries of the export directory `path` that dotmoe did not write or that changed since (all of them
+    if it is no export)."""
     if not is_export(path):
-        return names
-    return [n for n in names if n not in EXPORT_FILES and not any(fnmatch.fnmatch(n, p) for p in EXPORT_PATTERNS)]
+        return sorted(e.name for e in path.iterdir() if not is_leftover(e))
+    return not_written_by_dotmoe(path)
 
 
 def foreign_entries(out: Path) -> list[str]:
-    """The entries of the `convert --out` directory `out` that dotmoe did not write; the export in `model/` and a
-    layer-wise pass in `layerwise/` are checked inside."""
-    foreign = []
-    for entry in sorted(out.iterdir()):
-        if is_leftover(entry):
-            continue
-        if entry.name not in CONVERT_FILES or entry.is_symlink():
-            foreign.append(entry.name)
-        elif entry.name == EXPORT_DIR:
-            foreign += [f"{EXPORT_DIR}/{n}" for n in (foreign_export_entries(entry) if entry.is_dir() else [""])]
-        elif entry.name == LAYERWISE_DIR:
-            foreign += [f"{LAYERWISE_DIR}/{n}" for n in (foreign_entries(entry) if entry.is_dir() else [""])]
-    return foreign
+    """The entries of the `convert --out` directory `out` that dotmoe did not write or that changed since it
+    wrote them (its records decide, not the file names); inside the export in `model/` and a layer-wise pass in
+    `layerwise/` too."""
+    return not_written_by_dotmoe(out)
 
 
 def refuse_foreign(out: Path, foreign: list[str], what: str) -> None:
@@ -156,8 +129,8 @@ def refuse_foreign(out: Path, foreign: list[str], what: str) -> None:
     if foreign:
         shown = ", ".join(n.rstrip("/") for n in foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4
                                                                  else "")
-        raise DotMoeError(f"--out {out} holds files that dotmoe did not write ({shown}); it is not {what}, even "
-                          "with --overwrite: choose another directory")
+        raise DotMoeError(f"--out {out} holds files that dotmoe did not write or that changed since ({shown}); it "
+                          f"is not {what}, even with --overwrite: choose another directory")
 
 
 # ------------------------------------------------------------------------------------------------ the run lock
@@ -218,6 +191,38 @@ def output_lock(out: str | Path) -> Iterator[None]:
                     break
 
 
+@contextmanager
+def destination_lock(path: str | Path) -> Iterator[None]:
+    """One process at a time writes `path`, an output that is replaced whole (an export directory, a report or
+    text file): an OS lock on `.NAME.dotmoe.lock` beside it, removed afterwards; a second process is refused at
+    once, naming the holder (as `output_lock` does for a conversion)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    if not path.parent.is_dir():  # nothing there to race for yet; the writer makes it (and the checks name a
+        yield                     # place that cannot be made)
+        return
+    lock_file = path.parent / f".{path.name}{DESTINATION_LOCK_SUFFIX}"
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DotMoeError(f"--out {path} is being written by {_holder(lock_file)}; wait for it to finish or choose "
+                          "another name") from None
+    except OSError as exc:
+        raise DotMoeError(f"cannot write --out {path}: {exc.strerror or exc} in {path.parent}") from exc
+    try:
+        try:
+            lock_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                             "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}))
+        except OSError:
+            pass
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)
+        lock.release()
+
+
 # ------------------------------------------------------------------------------- replacing a previous result
 
 def set_aside(out: Path) -> None:
@@ -230,6 +235,9 @@ def set_aside(out: Path) -> None:
     keep = not previous.exists()
     if keep:
         previous.mkdir()
+    record = out / WRITTEN
+    if record.exists():  # the record goes with the files it describes
+        record.rename(previous / WRITTEN) if keep else record.unlink()
     if keep and (out / COMPLETE).exists():  # the marker first: a crash while moving never looks finished
         (out / COMPLETE).rename(previous / COMPLETE)
     for entry in list(out.iterdir()):
@@ -266,7 +274,8 @@ def restore_previous(out: Path) -> bool:
         if entry.name in INTERNAL:
             continue
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    for entry in sorted(previous.iterdir(), key=lambda e: e.name == COMPLETE):  # the marker last
+    (out / WRITTEN).unlink(missing_ok=True)
+    for entry in sorted(previous.iterdir(), key=lambda e: (e.name == WRITTEN, e.name == COMPLETE)):  # marker last
         entry.rename(out / entry.name)
     previous.rmdir()
     return True

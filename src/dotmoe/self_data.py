@@ -50,5 +50,5 @@ def write_texts(texts: list[str], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(t.replace("\n\n", "\n") for t in texts) + "\n"
-    atomic_write(out, lambda tmp: tmp.write_text(text), unique=True)
+    atomic_write(out, lambda tmp: tmp.write_text(text), unique=True, record="sampled text")
     return out

@@ -154,19 +154,11 @@ def check_pair(dense_dir: str | Path, moe_dir: str | Path, prompt: int, new_toke
 
 def load(model_dir: str | Path, dtype: torch.dtype, device: str, experts_implementation: str | None = None,
          trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
     import dotmoe.fast_experts  # noqa: F401  registers "dotmoe_gather"
-
-    from dotmoe.errors import DotMoeError
+    from dotmoe.architecture import from_pretrained_checked
 
     kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True, **kwargs)
-    except (ValueError, OSError, RuntimeError) as exc:
-        raise DotMoeError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from exc
-    return model.to(device).eval()
+    return from_pretrained_checked(Path(model_dir), dtype, trust_remote_code, **kwargs).to(device).eval()
 
 
 def _time_alternately(work: "Workload", dense, moe, impls: list[str], runs: int):
