@@ -116,6 +116,10 @@ RECIPES = {
     # dropped; the oracle bound falls with E: 5.92 at E=8, 4.46 at E=32 at 25%). Run it in the 50% group (--top-k 4)
     "e16-k4-shared512-bf16": {"experts": 16, "top_k": 4, "shared": 512, "drop": 0, "mixed_precision": "bf16",
                               "gradient_checkpointing": False},
+    # finer still: k=8 of 32 experts of 32 neurons beside the same always-on 512 (512 + 8 x 32 = 768 of 1,536 active,
+    # 50%; nothing dropped). Run it in the 50% group (--top-k 4)
+    "e32-k8-shared512-bf16": {"experts": 32, "top_k": 8, "shared": 512, "drop": 0, "mixed_precision": "bf16",
+                              "gradient_checkpointing": False},
     # the k=2 + 512 idea one step further: k=1 of 8 experts of 110 neurons beside an always-on 656 (766 of 1,536 active,
     # 49.9%; nothing dropped). Run it in the 50% group (--top-k 4)
     "k1-shared656-bf16": {"top_k": 1, "shared": 656, "drop": 0, "mixed_precision": "bf16",
