@@ -148,13 +148,32 @@ def is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _acquire(lock_file: Path, out: Path, other: str, unwritable: str):
+    """Take the OS lock `lock_file` for writing `out` at once (a held one: refused, naming its holder, "choose
+    another `other`") and note the holder in it; the caller releases it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DotMoeError(f"--out {out} is being written by {_holder(lock_file)}; wait for it to finish or choose "
+                          f"another {other}") from None
+    except OSError as exc:
+        raise DotMoeError(f"{unwritable}: {exc.strerror or exc}") from exc
+    try:
+        lock_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                         "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}))
+    except OSError:
+        pass  # the lock holds without its note (e.g. a full disk): the refusal then names "another process"
+    return lock
+
+
 @contextmanager
 def output_lock(out: str | Path) -> Iterator[None]:
     """Hold `out/.dotmoe.lock` for the run (an OS file lock: released when the process dies, however it dies). A
     second run on the same directory is refused at once, naming the holder. A directory this run created and
     left empty is removed again. Distributed ranks other than 0 do not lock (rank 0 holds it for the run)."""
-    from filelock import FileLock, Timeout
-
     out = Path(out)
     if not is_main_rank():
         yield
@@ -165,20 +184,8 @@ def output_lock(out: str | Path) -> Iterator[None]:
     except OSError as exc:
         raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
     lock_file = out / LOCK
-    lock = FileLock(str(lock_file), timeout=0)
+    lock = _acquire(lock_file, out, "directory", f"output directory {out} is not writable")
     try:
-        lock.acquire()
-    except Timeout:
-        raise DotMoeError(f"--out {out} is being written by {_holder(lock_file)}; wait for it to finish or choose "
-                          "another directory") from None
-    except OSError as exc:
-        raise DotMoeError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
-    try:
-        try:
-            lock_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                             "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}))
-        except OSError:
-            pass  # the lock holds without its note (e.g. a full disk): the refusal then names "another process"
         yield
     finally:
         lock.release()
@@ -196,27 +203,13 @@ def destination_lock(path: str | Path) -> Iterator[None]:
     """One process at a time writes `path`, an output that is replaced whole (an export directory, a report or
     text file): an OS lock on `.NAME.dotmoe.lock` beside it, removed afterwards; a second process is refused at
     once, naming the holder (as `output_lock` does for a conversion)."""
-    from filelock import FileLock, Timeout
-
     path = Path(path)
     if not path.parent.is_dir():  # nothing there to race for yet; the writer makes it (and the checks name a
         yield                     # place that cannot be made)
         return
     lock_file = path.parent / f".{path.name}{DESTINATION_LOCK_SUFFIX}"
-    lock = FileLock(str(lock_file), timeout=0)
+    lock = _acquire(lock_file, path, "name", f"cannot write --out {path} (in {path.parent})")
     try:
-        lock.acquire()
-    except Timeout:
-        raise DotMoeError(f"--out {path} is being written by {_holder(lock_file)}; wait for it to finish or choose "
-                          "another name") from None
-    except OSError as exc:
-        raise DotMoeError(f"cannot write --out {path}: {exc.strerror or exc} in {path.parent}") from exc
-    try:
-        try:
-            lock_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                             "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}))
-        except OSError:
-            pass
         yield
     finally:
         lock_file.unlink(missing_ok=True)
